@@ -1,0 +1,14 @@
+"""imgclf stage cores and their thin CLIs. Importing this package is cheap and switches telemetry off."""
+
+import os
+
+# The project's own settings, not the user's: no telemetry, no update checks, no hub downloads.
+for _key, _value in {
+    "DO_NOT_TRACK": "true",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "DVC_NO_ANALYTICS": "1",
+    "HF_HUB_OFFLINE": "1",
+    "GIT_PYTHON_REFRESH": "quiet",
+}.items():
+    os.environ.setdefault(_key, _value)

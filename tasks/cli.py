@@ -1,0 +1,220 @@
+"""`imgclf`: the command line. Thin wiring over flows/ and tasks/; heavy imports happen per command."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+import tasks  # noqa: F401  (telemetry off)
+from tasks.config import ParamsError, load_params, parse_overrides, project_root
+
+app = typer.Typer(help="imgclf: image classification pipeline (Prefect + DVC + Great Expectations + torch + MLflow).",
+                  no_args_is_help=True, add_completion=False, pretty_exceptions_show_locals=False)
+console = Console()
+
+
+def _params(root: Path):
+    try:
+        return load_params(root / "params.yaml")
+    except ParamsError as exc:
+        console.print(f"[red]{exc}[/]")
+        raise typer.Exit(2) from None
+
+
+def _client(root: Path):
+    import mlflow
+
+    from tasks import tracking
+
+    params = _params(root)
+    tracking.configure(params.register_.tracking_uri, params.register_.experiment, root)
+    return mlflow.MlflowClient(), params
+
+
+def _prefect_defaults() -> None:
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_ENABLED", "true")
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
+
+
+@app.command()
+def run(
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override a param for this run: section.key=value (repeatable).")] = None,
+    source: Annotated[Optional[str], typer.Option(help="Override ingest.source (and ingest.watch) for this run.")] = None,
+    promote: Annotated[bool, typer.Option("--promote/--no-promote", help="Allow moving `champion`.")] = True,
+) -> None:
+    """One retraining run of the whole flow: ingest, validate, split, train, evaluate, register, promote."""
+    root = project_root()
+    try:
+        overrides = parse_overrides(set_ or [])
+        if source:
+            overrides.setdefault("ingest.watch", source)
+        load_params(root / "params.yaml", {**overrides, **({"ingest.source": source} if source else {})})
+    except ParamsError as exc:
+        console.print(f"[red]{exc}[/]")
+        raise typer.Exit(2) from None
+    _prefect_defaults()
+    from flows.retrain import retrain
+
+    console.print(f"[bold]imgclf run[/] in {root}" + (f" with overrides {overrides}" if overrides else ""))
+    try:
+        summary = retrain(overrides=overrides, source=source, allow_promotion=promote, project_dir=str(root))
+    except Exception as exc:  # the stage already printed its own detail
+        console.print(f"[red bold]run failed:[/] {exc}")
+        raise typer.Exit(1) from None
+    _print_summary(summary)
+
+
+def _print_summary(s: dict) -> None:
+    table = Table(title="imgclf run", show_header=False)
+    table.add_row("stages run", ", ".join(s["stages_run"]) or "none: everything up to date")
+    table.add_row("data version", f"{s['data_hash'][:12]} ({s['n_images']} images from {s['data_source']})")
+    table.add_row("test accuracy", f"{s['accuracy']:.4f}  (macro F1 {s['macro_f1']:.4f})")
+    table.add_row("model version", f"{s['model_name']} v{s['version']}" + ("  (new)" if s["registered"] else "  (already registered, nothing new)"))
+    table.add_row("champion", f"v{s['champion']}" + ("  <- promoted" if s["promoted"] else "") if s["champion"] else "none")
+    table.add_row("decision", s["reason"])
+    if s["overrides"]:
+        table.add_row("overrides", json.dumps(s["overrides"]) + "  (params.yaml left as it was)")
+    table.add_row("took", f"{s['seconds']} s")
+    console.print(table)
+    console.print("Open the MLflow UI: [bold]imgclf ui[/] (or `make ui`) -> http://127.0.0.1:5000")
+
+
+@app.command()
+def predict(
+    paths: Annotated[list[Path], typer.Argument(help="Image files or folders to classify.")],
+    model: Annotated[Optional[str], typer.Option(help="MLflow model URI; default models:/<register.model_name>@champion.")] = None,
+    out: Annotated[Path, typer.Option(help="Where to write the predictions CSV.")] = Path("predictions.csv"),
+) -> None:
+    """Batch predictions from the champion (or any models:/ URI) written as CSV."""
+    import mlflow
+    import pandas as pd
+
+    root = project_root()
+    _, params = _client(root)
+    uri = model or f"models:/{params.register_.model_name}@champion"
+    files = []
+    for p in paths:
+        if p.is_dir():
+            files += sorted(f for f in p.rglob("*") if f.is_file() and not any(s.startswith(".") for s in f.parts))
+        elif p.is_file():
+            files.append(p)
+        else:
+            console.print(f"[red]{p}: no such file or folder[/]")
+            raise typer.Exit(2)
+    try:
+        loaded = mlflow.pyfunc.load_model(uri)
+    except Exception as exc:
+        console.print(f"[red]cannot load {uri}:[/] {exc}")
+        raise typer.Exit(1) from None
+    rows, errors = [], []
+    for f in files:  # decoded one by one so a bad file is reported, not fatal
+        try:
+            rows.append((str(f), loaded.predict(pd.DataFrame({"image": [str(f)]}))))
+        except Exception as exc:
+            errors.append((str(f), f"{type(exc).__name__}: {exc}"))
+    frame = pd.concat([r.assign(path=p) for p, r in rows], ignore_index=True) if rows else pd.DataFrame()
+    if errors:
+        frame = pd.concat([frame, pd.DataFrame({"path": [p for p, _ in errors], "error": [e for _, e in errors]})],
+                          ignore_index=True)
+    cols = ["path"] + [c for c in frame.columns if c != "path"]
+    frame[cols].to_csv(out, index=False)
+    console.print(f"{len(rows)} predicted, {len(errors)} unreadable -> {out} (model {uri})")
+    if errors:
+        raise typer.Exit(1)
+
+
+@app.command()
+def promote(version: Annotated[str, typer.Argument(help="Registered version to make champion.")]) -> None:
+    """Move `champion` to VERSION (recorded in the alias history)."""
+    from tasks import registry
+
+    client, params = _client(project_root())
+    name = params.register_.model_name
+    try:
+        client.get_model_version(name, version)
+    except Exception:
+        console.print(f"[red]{name} has no version {version}[/]")
+        raise typer.Exit(1) from None
+    registry.set_champion(client, name, version, "manual promotion (imgclf promote)")
+    console.print(f"champion -> {name} v{version}")
+
+
+@app.command()
+def rollback() -> None:
+    """Return `champion` to the version it pointed at before its latest move."""
+    from tasks import registry
+
+    client, params = _client(project_root())
+    name = params.register_.model_name
+    current = registry.champion_version(client, name)
+    target = registry.previous_champion(registry.alias_history(client, name), str(current.version) if current else None)
+    if current is None or target is None:
+        console.print("[red]nothing to roll back to: no earlier champion recorded[/]")
+        raise typer.Exit(1)
+    registry.set_champion(client, name, target, f"rollback from v{current.version}")
+    console.print(f"champion -> {name} v{target} (was v{current.version})")
+
+
+@app.command()
+def history() -> None:
+    """Every move of the `champion` alias: time, from, to, reason, by whom."""
+    from tasks import registry
+
+    client, params = _client(project_root())
+    table = Table("time", "from", "to", "reason", "by", title=f"{params.register_.model_name}: champion history")
+    try:
+        moves = registry.alias_history(client, params.register_.model_name)
+    except Exception:
+        moves = []
+    for m in moves:
+        table.add_row(m["time"], m["from"] or "-", m["to"], m["reason"], m["by"])
+    console.print(table)
+
+
+@app.command()
+def ui(port: Annotated[int, typer.Option(help="Port on 127.0.0.1.")] = 5000) -> None:
+    """MLflow UI on 127.0.0.1 with the project's store."""
+    from tasks import tracking
+
+    root = project_root()
+    params = _params(root)
+    uri = tracking.resolve_tracking_uri(params.register_.tracking_uri, root)
+    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", "127.0.0.1", "--port", str(port)]
+    if uri.startswith("sqlite:"):
+        cmd += ["--default-artifact-root", tracking.artifact_root(root)]
+    console.print(f"MLflow UI on http://127.0.0.1:{port}  (store {uri}); Ctrl-C to stop")
+    raise typer.Exit(subprocess.call(cmd, cwd=root))
+
+
+@app.command()
+def schedule() -> None:
+    """Serve the flow on the cron in params.yaml (needs a Prefect server: PREFECT_API_URL)."""
+    root = project_root()
+    params = _params(root)
+    if not os.environ.get("PREFECT_API_URL"):
+        console.print("[red]Schedules need a Prefect server.[/] Start one with `prefect server start` and set "
+                      "PREFECT_API_URL=http://127.0.0.1:4200/api (the temporary server runs no scheduler).")
+        raise typer.Exit(2)
+    from prefect.schedules import Cron
+
+    from flows.retrain import retrain
+
+    console.print(f"serving flow 'retrain' on cron {params.schedule.cron!r} ({params.schedule.timezone}); Ctrl-C to stop")
+    retrain.serve(name="scheduled", schedules=[Cron(params.schedule.cron, timezone=params.schedule.timezone)],
+                  parameters={"project_dir": str(root)})
+
+
+def main() -> None:  # pragma: no cover
+    app()
+
+
+if __name__ == "__main__":
+    main()

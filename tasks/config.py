@@ -1,0 +1,233 @@
+"""params.yaml parsed once into a frozen, validated Params object; `--set` overrides."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+PARAMS_FILE = "params.yaml"
+
+
+def project_root(start: Path | None = None) -> Path:
+    """The project folder: the nearest folder at or above start (default: cwd) holding dvc.yaml and params.yaml."""
+    here = (start or Path.cwd()).resolve()
+    for folder in (here, *here.parents):
+        if (folder / "dvc.yaml").is_file() and (folder / PARAMS_FILE).is_file():
+            return folder
+    return PROJECT_ROOT
+
+
+def is_url(source: str) -> bool:
+    """True for http(s) sources."""
+    return source.startswith(("http://", "https://"))
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class BaseParams(_Section):
+    seed: int = 42
+
+
+class IngestParams(_Section):
+    source: str = "sample:digits"
+    watch: str = "tasks/sample.py"
+    sha256: str | None = None
+    sample_size: int = Field(32, ge=8, le=512)
+
+    @model_validator(mode="after")
+    def _check_source(self) -> "IngestParams":
+        if is_url(self.source) and not self.sha256:
+            raise ValueError(f"ingest.sha256 is required for the URL source {self.source!r}")
+        if not self.source.startswith("sample:") and not is_url(self.source):
+            src, watch = Path(self.source), Path(self.watch)
+            if src != watch and watch not in src.parents:
+                raise ValueError(
+                    f"ingest.watch ({self.watch!r}) must be the source path or a folder above it, "
+                    f"so DVC re-ingests when images change: set ingest.watch: {self.source}"
+                )
+        return self
+
+
+class ValidateParams(_Section):
+    min_images_per_class: int = Field(10, ge=1)
+    labels: list[str] | None = None
+
+
+class SplitParams(_Section):
+    val_fraction: float = Field(0.15, gt=0, lt=1)
+    test_fraction: float = Field(0.15, gt=0, lt=1)
+
+    @model_validator(mode="after")
+    def _leave_training_data(self) -> "SplitParams":
+        if self.val_fraction + self.test_fraction >= 0.9:
+            raise ValueError("split.val_fraction + split.test_fraction must leave at least 10% for training")
+        return self
+
+
+class TrainParams(_Section):
+    model: str = "smallcnn"
+    image_size: int = Field(32, ge=8, le=1024)
+    epochs: int = Field(15, ge=1)
+    batch_size: int = Field(64, ge=1)
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    lr: float = Field(0.003, gt=0)
+    weight_decay: float = Field(0.0005, ge=0)
+    label_smoothing: float = Field(0.05, ge=0, lt=1)
+    hflip: bool = False
+    translate: float = Field(0.08, ge=0, lt=0.5)
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+
+
+class EvaluateParams(_Section):
+    batch_size: int = Field(256, ge=1)
+
+
+class RegisterParams(_Section):
+    model_name: str = "imgclf"
+    experiment: str = "imgclf"
+    tracking_uri: str = "sqlite:///mlflow.db"
+
+
+class PromoteParams(_Section):
+    metric: Literal["accuracy", "macro_f1"] = "accuracy"
+
+
+class ScheduleParams(_Section):
+    cron: str = "0 3 * * *"
+    timezone: str = "UTC"
+
+
+class Params(_Section):
+    base: BaseParams = BaseParams()
+    ingest: IngestParams = IngestParams()
+    validate_: ValidateParams = Field(ValidateParams(), alias="validate")
+    split: SplitParams = SplitParams()
+    train: TrainParams = TrainParams()
+    evaluate: EvaluateParams = EvaluateParams()
+    register_: RegisterParams = Field(RegisterParams(), alias="register")
+    promote: PromoteParams = PromoteParams()
+    schedule: ScheduleParams = ScheduleParams()
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict in params.yaml's shape."""
+        return self.model_dump(mode="json", by_alias=True)
+
+    def digest(self) -> str:
+        """Stable hash of the resolved params."""
+        blob = json.dumps(self.to_dict(), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()
+
+
+class ParamsError(ValueError):
+    """params.yaml or an override is invalid; the message names the key."""
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """Turn ['train.epochs=5', ...] into {'train.epochs': 5}; values parse as YAML scalars."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or "." not in key:
+            raise ParamsError(f"override {item!r} must look like section.key=value")
+        out[key.strip()] = yaml.safe_load(raw) if raw.strip() else None
+    return out
+
+
+def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """Return a copy of raw params with dotted-key overrides applied; unknown keys are errors."""
+    merged = copy.deepcopy(raw)
+    known = Params().to_dict()
+    for dotted, value in overrides.items():
+        parts = dotted.split(".")
+        node, schema = merged, known
+        for part in parts[:-1]:
+            if part not in schema or not isinstance(schema[part], dict):
+                raise ParamsError(f"unknown parameter {dotted!r}")
+            node = node.setdefault(part, {})
+            schema = schema[part]
+        if parts[-1] not in schema:
+            raise ParamsError(f"unknown parameter {dotted!r}")
+        node[parts[-1]] = value
+    return merged
+
+
+def parse_params(raw: dict[str, Any]) -> Params:
+    """Validate a params mapping; errors name the offending key."""
+    try:
+        return Params.model_validate(raw or {})
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            where = ".".join(str(p) for p in err["loc"]) or "params"
+            lines.append(f"  {where}: {err['msg']}")
+        raise ParamsError("invalid parameters:\n" + "\n".join(lines)) from None
+
+
+def read_raw(path: Path) -> dict[str, Any]:
+    """Read a params YAML file into a plain dict."""
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except FileNotFoundError:
+        raise ParamsError(f"{path}: params file not found") from None
+    except yaml.YAMLError as exc:
+        raise ParamsError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ParamsError(f"{path}: expected a mapping of sections")
+    return data
+
+
+def load_params(path: Path | str = PARAMS_FILE, overrides: dict[str, Any] | None = None) -> Params:
+    """Load, override and validate params.yaml."""
+    raw = read_raw(Path(path))
+    return parse_params(apply_overrides(raw, overrides or {}))
+
+
+def write_resolved(params: Params, dest: Path) -> None:
+    """Write the resolved params next to a stage's outputs (atomically)."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_suffix(dest.suffix + ".tmp")
+    tmp.write_text(yaml.safe_dump(params.to_dict(), sort_keys=False))
+    tmp.replace(dest)
+
+
+def write_overrides(path: Path, overrides: dict[str, Any]) -> bytes:
+    """Apply overrides to params.yaml in place (comments kept); return the original bytes to restore."""
+    from ruamel.yaml import YAML
+
+    path = Path(path)
+    original = path.read_bytes()
+    load_params(path, overrides)  # validate before touching the file
+    yaml_rt = YAML()
+    yaml_rt.preserve_quotes = True
+    data = yaml_rt.load(original.decode())
+    for dotted, value in overrides.items():
+        node = data
+        *parents, leaf = dotted.split(".")
+        for part in parents:
+            if node.get(part) is None:
+                node[part] = {}
+            node = node[part]
+        node[leaf] = value
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as fh:
+        yaml_rt.dump(data, fh)
+    tmp.replace(path)
+    return original
+
+
+def restore_file(path: Path, original: bytes) -> None:
+    """Put a file's original bytes back atomically."""
+    tmp = Path(path).with_name(f".{Path(path).name}.restore")
+    tmp.write_bytes(original)
+    tmp.replace(path)

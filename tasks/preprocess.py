@@ -1,0 +1,97 @@
+"""The image policy and preprocessing, defined once and shared by training, evaluation and serving."""
+
+from __future__ import annotations
+
+import io
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+
+if TYPE_CHECKING:
+    import torch
+    from PIL import Image
+
+# Means/stds of ImageNet for RGB models; a neutral 0.5 for grayscale.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """How a file becomes a model input: mode, square side, normalisation. Saved with every model."""
+
+    size: int
+    mode: Literal["L", "RGB"]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    @classmethod
+    def for_mode(cls, mode: Literal["L", "RGB"], size: int) -> "Preprocess":
+        if mode == "L":
+            return cls(size=size, mode="L", mean=(0.5,), std=(0.5,))
+        return cls(size=size, mode="RGB", mean=IMAGENET_MEAN, std=IMAGENET_STD)
+
+    @property
+    def channels(self) -> int:
+        return 1 if self.mode == "L" else 3
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Preprocess":
+        return cls(size=int(data["size"]), mode=data["mode"], mean=tuple(data["mean"]), std=tuple(data["std"]))
+
+
+def open_image(source: str | Path | bytes) -> "Image.Image":
+    """Open and fully decode an image (first frame), with EXIF orientation applied."""
+    from PIL import Image, ImageOps
+
+    fh = io.BytesIO(source) if isinstance(source, bytes) else open(source, "rb")
+    with fh:
+        img = Image.open(fh)
+        img.seek(0)
+        img.load()
+        img = ImageOps.exif_transpose(img)
+    return img
+
+
+def to_mode(img: "Image.Image", mode: Literal["L", "RGB"]) -> "Image.Image":
+    """Convert any PIL mode explicitly: 16/32-bit rescaled (never clipped), alpha composited on white."""
+    import numpy as np
+    from PIL import Image
+
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        arr = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if img.mode.startswith("I;16") or arr.max(initial=0) > 255 else 255.0
+        img = Image.fromarray(np.rint(arr.clip(0, top) * (255.0 / top)).astype(np.uint8), mode="L")
+    if img.mode == "P":
+        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+    if img.mode in ("RGBA", "LA", "PA"):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(background, rgba).convert("RGB")
+    return img.convert(mode) if img.mode != mode else img
+
+
+def to_uint8_tensor(img: "Image.Image", spec: Preprocess) -> "torch.Tensor":
+    """PIL image -> uint8 tensor C x size x size: shorter side resized to size, then centre-cropped."""
+    from torchvision.transforms.v2 import functional as F
+
+    tensor = F.pil_to_tensor(to_mode(img, spec.mode))
+    tensor = F.resize(tensor, [spec.size], antialias=True)
+    return F.center_crop(tensor, [spec.size, spec.size])
+
+
+def load_tensor(source: str | Path | bytes, spec: Preprocess) -> "torch.Tensor":
+    """File path or bytes -> uint8 tensor ready to batch."""
+    return to_uint8_tensor(open_image(source), spec)
+
+
+def normalize(batch: "torch.Tensor", spec: Preprocess) -> "torch.Tensor":
+    """uint8 N x C x H x W -> float normalised by the spec's mean and std."""
+    import torch
+
+    mean = torch.tensor(spec.mean, device=batch.device).view(1, -1, 1, 1)
+    std = torch.tensor(spec.std, device=batch.device).view(1, -1, 1, 1)
+    return (batch.float().div_(255.0) - mean) / std

@@ -1,0 +1,79 @@
+"""MLflow wiring: where the store is, which experiment, the pyfunc artifact. Imports mlflow lazily."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from tasks.config import project_root
+
+SERVING_CODE = Path(__file__).with_name("serving.py")
+# The serving model needs these at load time; pinned so logging skips requirement inference (~9 s).
+SERVING_REQUIREMENTS = ("torch==2.14.1", "torchvision==0.29.1", "safetensors", "pillow", "pandas", "numpy",
+                        "pyyaml", "pydantic")
+
+
+def resolve_tracking_uri(uri: str, root: Path | None = None) -> str:
+    """Make a relative sqlite/file store absolute against the project root; leave servers alone."""
+    root = root or project_root()
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        return f"sqlite:///{(root / uri[len('sqlite:///'):]).resolve()}"
+    if "://" not in uri:
+        return str((root / uri).resolve())
+    return uri
+
+
+def artifact_root(root: Path | None = None) -> str:
+    """Local artifact store beside the sqlite database."""
+    return ((root or project_root()) / "mlartifacts").resolve().as_uri()
+
+
+def configure(tracking_uri: str, experiment: str, root: Path | None = None) -> str:
+    """Point mlflow at the store and experiment (created with the project's artifact root); returns its id."""
+    import mlflow
+
+    os.environ.setdefault("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", "false")
+    uri = resolve_tracking_uri(tracking_uri, root)
+    mlflow.set_tracking_uri(uri)
+    client = mlflow.MlflowClient()
+    found = client.get_experiment_by_name(experiment)
+    if found is not None:
+        mlflow.set_experiment(experiment_id=found.experiment_id)
+        return found.experiment_id
+    local = uri.startswith(("sqlite:", "/", "file:"))
+    try:
+        exp_id = client.create_experiment(experiment, artifact_location=artifact_root(root) if local else None)
+    except Exception:  # created concurrently by another process: use theirs
+        found = client.get_experiment_by_name(experiment)
+        if found is None:
+            raise
+        exp_id = found.experiment_id
+    mlflow.set_experiment(experiment_id=exp_id)
+    return exp_id
+
+
+def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{'train': {'lr': 1}} -> {'train.lr': 1} for mlflow params."""
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{name}."))
+        else:
+            out[name] = value
+    return out
+
+
+def log_serving_model(model_dir: Path) -> str:
+    """Log the candidate as a pickle-free pyfunc (models from code + safetensors); returns its model URI."""
+    import mlflow
+
+    info = mlflow.pyfunc.log_model(
+        name="model",
+        python_model=str(SERVING_CODE),
+        artifacts={"model_dir": str(model_dir)},
+        code_paths=[str(Path(__file__).parent)],
+        pip_requirements=list(SERVING_REQUIREMENTS),
+    )
+    return info.model_uri
