@@ -28,11 +28,20 @@ def _stage_env() -> None:
         os.environ["PATH"] = bin_dir + os.pathsep + os.environ.get("PATH", "")
 
 
+def _quiet_dvc() -> None:
+    """DVC prints its own progress; keep it from echoing through Prefect's handlers and drop git hints."""
+    import logging
+
+    logging.getLogger("dvc").propagate = False
+    logging.getLogger("dvc.repo.scm_context").setLevel(logging.WARNING)
+
+
 def run_stage(root: str, stage: str) -> list[str]:
     """Reproduce one DVC stage if it is stale; returns the stages that actually ran."""
     from dvc.repo import Repo
 
     _stage_env()
+    _quiet_dvc()
     with Repo(root) as repo:
         ran = repo.reproduce(stage, single_item=True)
     return [s.addressing for s in ran]
