@@ -41,7 +41,14 @@ def _copy_class_folders(src: Path, dest: Path) -> list[dict[str, str]]:
     root = src.resolve()
     for path in sorted(src.rglob("*")):
         rel = path.relative_to(src)
-        if is_hidden(rel) or path.is_dir():
+        if is_hidden(rel):
+            continue
+        if path.is_dir() and path.is_symlink():  # rglob does not follow these: say so, never drop silently
+            inside = path.resolve().is_relative_to(root)
+            skipped.append({"path": str(rel), "reason": "symlinked folder not followed" + (
+                "" if inside else ": it resolves outside the source")})
+            continue
+        if path.is_dir():
             continue
         if len(rel.parts) < 2:
             skipped.append({"path": str(rel), "reason": "file at the source root belongs to no class folder"})

@@ -94,4 +94,4 @@ def normalize(batch: "torch.Tensor", spec: Preprocess) -> "torch.Tensor":
 
     mean = torch.tensor(spec.mean, device=batch.device).view(1, -1, 1, 1)
     std = torch.tensor(spec.std, device=batch.device).view(1, -1, 1, 1)
-    return (batch.float().div_(255.0) - mean) / std
+    return (batch.float() / 255.0 - mean) / std

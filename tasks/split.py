@@ -29,7 +29,8 @@ class SplitResult:
 def split_frame(accepted: "pd.DataFrame", *, val_fraction: float, test_fraction: float,
                 seed: int) -> dict[str, "pd.DataFrame"]:
     """Stratified split of (path, label) rows; every class gets at least one image in each split."""
-    from sklearn.model_selection import train_test_split
+    import numpy as np
+    import pandas as pd
 
     counts = accepted["label"].value_counts()
     too_small = counts[counts < 3]
@@ -37,13 +38,18 @@ def split_frame(accepted: "pd.DataFrame", *, val_fraction: float, test_fraction:
         raise SplitError("classes with fewer than 3 images cannot be split into train/val/test: "
                          + ", ".join(f"{label!r} ({n})" for label, n in too_small.items()))
     rows = accepted[["path", "label"]].sort_values("path").reset_index(drop=True)
-    n_classes = rows["label"].nunique()
-    n_test = max(n_classes, round(len(rows) * test_fraction))
-    rest, test = train_test_split(rows, test_size=n_test, stratify=rows["label"], random_state=seed)
-    n_val = max(n_classes, round(len(rows) * val_fraction))
-    train, val = train_test_split(rest, test_size=n_val, stratify=rest["label"], random_state=seed)
-    return {name: part.sort_values("path").reset_index(drop=True)
-            for name, part in zip(SPLITS, (train, val, test))}
+    rng = np.random.default_rng(seed)
+    parts: dict[str, list[pd.DataFrame]] = {name: [] for name in SPLITS}
+    for label in sorted(rows["label"].unique()):
+        members = rows[rows["label"] == label]
+        members = members.iloc[rng.permutation(len(members))]
+        n = len(members)
+        n_test = min(max(1, round(n * test_fraction)), n - 2)
+        n_val = min(max(1, round(n * val_fraction)), n - n_test - 1)
+        parts["test"].append(members.iloc[:n_test])
+        parts["val"].append(members.iloc[n_test:n_test + n_val])
+        parts["train"].append(members.iloc[n_test + n_val:])
+    return {name: pd.concat(chunks).sort_values("path").reset_index(drop=True) for name, chunks in parts.items()}
 
 
 def split(manifest_path: Path, out_dir: Path, *, val_fraction: float, test_fraction: float,

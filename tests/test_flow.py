@@ -1,0 +1,152 @@
+"""End to end: the real `imgclf` CLI runs the Prefect flow over DVC in a temporary copy of the project."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+REPO = Path(__file__).resolve().parent.parent
+VENV_BIN = Path(sys.executable).parent
+pytestmark = pytest.mark.slow
+
+
+def _tiny_dataset(root: Path) -> None:
+    """3 visually distinct classes x 15 images, 24x24: enough for a tiny model to learn something."""
+    rng = np.random.default_rng(0)
+    for k, label in enumerate(("circle", "square", "stripes")):
+        (root / label).mkdir(parents=True)
+        for i in range(15):
+            arr = rng.integers(0, 40, (24, 24), dtype=np.uint8)
+            if label == "circle":
+                yy, xx = np.mgrid[:24, :24]
+                arr[(yy - 12) ** 2 + (xx - 12) ** 2 < 40 + i] = 220
+            elif label == "square":
+                arr[6:18, 6 + i % 3:18] = 220
+            else:
+                arr[::4 + i % 2] = 220
+            Image.fromarray(arr, mode="L").save(root / label / f"{label}_{i:02d}.png")
+
+
+def _env(tmp: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_", "DVC_"))}
+    # The venv's bin is deliberately NOT on PATH: the flow must still run stages with this interpreter.
+    env["PATH"] = os.pathsep.join(p for p in env.get("PATH", "").split(os.pathsep) if Path(p) != VENV_BIN)
+    env.update(PREFECT_HOME=str(tmp / "prefect-home"), DVC_SITE_CACHE_DIR=str(tmp / "dvc-site"),
+               PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="120", MLFLOW_ALLOW_PICKLE_DESERIALIZATION="false",
+               GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t", GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@t")
+    return env
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory) -> tuple[Path, dict[str, str]]:
+    """A copy of the project's committed + untracked (not ignored) files, in a fresh git repo."""
+    tmp = tmp_path_factory.mktemp("e2e")
+    dest = tmp / "project"
+    listed = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=REPO, check=True,
+                            capture_output=True).stdout.decode().split("\0")
+    for rel in filter(None, listed):
+        src = REPO / rel
+        if src.is_file() and not rel.startswith(("data/", "models/", "reports/")) and rel != "dvc.lock":
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / rel)
+    images = tmp / "images"
+    _tiny_dataset(images)
+    sys.path.insert(0, str(dest))
+    from tasks.config import write_overrides
+
+    sys.path.remove(str(dest))
+    write_overrides(dest / "params.yaml", {
+        "ingest.source": str(images), "ingest.watch": str(images), "validate.min_images_per_class": 5,
+        "train.epochs": 3, "train.batch_size": 16, "train.image_size": 24, "train.lr": 0.01,
+    })
+    env = _env(tmp)
+    for cmd in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "copy"]):
+        subprocess.run(cmd, cwd=dest, check=True, env=env)
+    return dest, env
+
+
+def imgclf(project: tuple[Path, dict[str, str]], *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    root, env = project
+    return subprocess.run([str(VENV_BIN / "imgclf"), *args], cwd=root, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def _versions(root: Path) -> list[dict]:
+    code = (
+        "import json, mlflow; mlflow.set_tracking_uri('sqlite:///mlflow.db'); c = mlflow.MlflowClient();"
+        "vs = c.search_model_versions(\"name='imgclf'\");"
+        "ch = c.get_model_version_by_alias('imgclf', 'champion').version;"
+        "print(json.dumps([{'version': str(v.version), 'champion': str(v.version) == str(ch), 'tags': v.tags} for v in vs]))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True)
+    return sorted(json.loads(out.stdout.strip().splitlines()[-1]), key=lambda v: int(v["version"]))
+
+
+def test_first_run_trains_registers_and_crowns_a_champion(project):
+    root, env = project
+    res = imgclf(project, "run")
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "ingest, validate, split, train, evaluate" in res.stdout
+    metrics = json.loads((root / "reports/metrics.json").read_text())
+    assert 0.0 <= metrics["accuracy"] <= 1.0 and "macro_f1" in metrics
+    for out in ("data/raw/circle", "data/manifest.csv", "data/splits/test.csv", "models/candidate/model.safetensors",
+                "models/candidate/model.json", "reports/plots/confusion_matrix.png", "reports/validation/summary.md"):
+        assert (root / out).exists(), out
+    versions = _versions(root)
+    assert [v["version"] for v in versions] == ["1"] and versions[0]["champion"]
+    tags = versions[0]["tags"]
+    assert tags["data.hash"] == json.loads((root / "data/ingest.json").read_text())["content_hash"]
+    assert tags["test.hash"] == metrics["test_hash"] and len(tags["git.commit"]) == 40
+    status = subprocess.run([sys.executable, "-m", "dvc", "status", "--json"], cwd=root, env=env,
+                            capture_output=True, text=True, check=True)
+    assert json.loads(status.stdout) == {}
+
+
+def test_second_run_with_nothing_changed_trains_and_registers_nothing(project):
+    root, _ = project
+    mtime = (root / "models/candidate/model.safetensors").stat().st_mtime_ns
+    res = imgclf(project, "run")
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "everything up to date" in res.stdout and "already registered" in res.stdout
+    assert (root / "models/candidate/model.safetensors").stat().st_mtime_ns == mtime
+    assert [v["version"] for v in _versions(root)] == ["1"]
+
+
+def test_override_applies_to_one_run_only_and_registers_a_new_version(project):
+    root, _ = project
+    before = (root / "params.yaml").read_bytes()
+    res = imgclf(project, "run", "--set", "train.epochs=2")
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "train" in res.stdout and (root / "params.yaml").read_bytes() == before
+    assert json.loads((root / "models/candidate/history.json").read_text())[-1]["epoch"] == 2
+    versions = _versions(root)
+    assert [v["version"] for v in versions] == ["1", "2"]
+    assert versions[1]["tags"]["gate"] in {"passed", "failed"}
+
+
+def test_predict_uses_the_champion_without_unpickling(project, tmp_path):
+    root, _ = project
+    out = tmp_path / "pred.csv"
+    res = imgclf(project, "predict", "data/raw/circle", "--out", str(out))
+    assert res.returncode == 0, res.stdout + res.stderr
+    lines = out.read_text().splitlines()
+    assert lines[0].startswith("path,label,probability") and len(lines) == 16
+
+
+def test_failed_data_contract_stops_before_training(project):
+    root, _ = project
+    weights = (root / "models/candidate/model.safetensors").read_bytes()
+    res = imgclf(project, "run", "--set", "validate.min_images_per_class=100")
+    assert res.returncode == 1
+    assert "Data contract FAILED" in res.stdout + res.stderr
+    assert "class_count" in (root / "reports/validation/summary.md").read_text()
+    assert (root / "models/candidate/model.safetensors").read_bytes() == weights
+    assert len(_versions(root)) == 2

@@ -1,0 +1,47 @@
+"""Model factory and pickle-free weights."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from tasks.models import build_model, input_mode, load_model, save_model
+from tasks.preprocess import Preprocess
+
+
+def test_small_cnn_takes_grayscale_and_outputs_one_logit_per_class():
+    model = build_model("smallcnn", num_classes=7, in_channels=1).eval()
+    assert model(torch.zeros(2, 1, 32, 32)).shape == (2, 7)
+
+
+def test_torchvision_models_come_from_the_library_factory():
+    model = build_model("resnet18", num_classes=3).eval()
+    assert type(model).__module__.startswith("torchvision.models")
+    assert model(torch.zeros(2, 3, 64, 64)).shape == (2, 3)
+
+
+def test_unknown_model_name_is_a_clear_error():
+    with pytest.raises(ValueError, match="unknown model 'resnet9000'"):
+        build_model("resnet9000", num_classes=3)
+
+
+def test_torchvision_models_are_fed_rgb_even_for_grayscale_data():
+    assert input_mode("resnet18", "L") == "RGB"
+    assert input_mode("smallcnn", "L") == "L"
+    with pytest.raises(ValueError, match="3 input channels"):
+        build_model("resnet18", num_classes=3, in_channels=1)
+
+
+def test_save_and_load_roundtrip_gives_identical_outputs_without_pickle(tmp_path: Path):
+    torch.manual_seed(0)
+    model = build_model("smallcnn", num_classes=4, in_channels=1).eval()
+    spec = Preprocess.for_mode("L", 24)
+    save_model(tmp_path, model, name="smallcnn", classes=["a", "b", "c", "d"], preprocess=spec)
+    files = sorted(p.name for p in tmp_path.iterdir())
+    assert files == ["model.json", "model.safetensors"]
+    loaded, meta = load_model(tmp_path)
+    x = torch.randn(3, 1, 24, 24)
+    with torch.no_grad():
+        assert torch.equal(model(x), loaded(x))
+    assert meta["classes"] == ["a", "b", "c", "d"]
+    assert Preprocess.from_dict(meta["preprocess"]) == spec
