@@ -47,39 +47,101 @@ def run_stage(root: str, stage: str) -> list[str]:
     return [s.addressing for s in ran]
 
 
-def register_and_promote(root: str, *, allow_promotion: bool) -> dict[str, Any]:
-    """Register the evaluated candidate (idempotent) and move `champion` if the decision says so."""
+class RunFailed(RuntimeError):
+    """The flow did its work but must end Failed (gate refused, promotion conflict); carries the summary."""
+
+    def __init__(self, message: str, summary: dict[str, Any]):
+        super().__init__(message)
+        self.summary = summary
+
+
+def _client(root: Path):
     import mlflow
 
-    from tasks import registry, tracking
+    from tasks import tracking
+
+    params = load_params(root / "params.yaml")
+    tracking.configure(params.register_.tracking_uri, params.register_.experiment, root)
+    return mlflow.MlflowClient(), params
+
+
+def register_candidate(root: str) -> dict[str, Any]:
+    """Register the evaluated candidate (idempotent per training run) with lineage tags."""
+    from tasks import registry
 
     rootp = Path(root)
-    params = load_params(rootp / "params.yaml")
-    reg = params.register_
-    tracking.configure(reg.tracking_uri, reg.experiment, rootp)
-    client = mlflow.MlflowClient()
+    client, params = _client(rootp)
     run_info = json.loads((rootp / "models/candidate/mlflow.json").read_text())
     metrics = json.loads((rootp / "reports/metrics.json").read_text())
     tags = registry.lineage_tags(rootp, metrics, params.digest())
-    registration = registry.register(client, reg.model_name, model_uri=run_info["model_uri"],
-                                     run_id=run_info["run_id"], tags=tags)
-    out: dict[str, Any] = {"version": registration.version, "registered": registration.created,
-                           "run_id": registration.run_id, "model_name": reg.model_name}
-    champ_version, champ_value = registry.champion_metric(client, reg.model_name, params.promote.metric)
-    out["previous_champion"] = champ_version
-    if not registration.created:
-        out.update(promoted=False, reason="already registered by an earlier run: nothing new to decide",
-                   champion=champ_version)
+    reg = registry.register(client, params.register_.model_name, model_uri=run_info["model_uri"],
+                            run_id=run_info["run_id"], tags=tags)
+    return {"version": reg.version, "registered": reg.created, "run_id": reg.run_id,
+            "model_name": params.register_.model_name}
+
+
+def gate(root: str, version: str, run_id: str) -> dict[str, Any]:
+    """Gather the facts, decide (pure), record the decision on the run, the version and in Prefect."""
+    from prefect.artifacts import create_markdown_artifact
+
+    from tasks import gate as gate_core
+    from tasks import registry
+
+    rootp = Path(root)
+    client, params = _client(rootp)
+    name = params.register_.model_name
+    facts = registry.gate_input(rootp, client, name, candidate_version=version)
+    decision = gate_core.decide(facts, params.promote.policy(params.base.seed))
+    registry.record_decision(client, name, version, run_id, decision)
+    create_markdown_artifact(decision.markdown(), key="gate-decision",
+                             description=f"{name} v{version}: promotion gate")
+    return decision.to_dict()
+
+
+def promote(root: str, version: str, expected: str | None, reason: str) -> str | None:
+    """Compare-and-set the `champion` alias; returns the conflict message when it moved meanwhile."""
+    from tasks import registry
+
+    rootp = Path(root)
+    client, params = _client(rootp)
+    try:
+        registry.promote_if_unchanged(client, params.register_.model_name, version, expected=expected,
+                                      reason=reason, lock_path=rootp / registry.LOCK_FILE)
+    except registry.PromotionConflict as exc:  # not transient: no retry, a clear message instead
+        return str(exc)
+    return None
+
+
+def register_gate_promote(root: str, *, allow_promotion: bool) -> dict[str, Any]:
+    """Register, gate and (if allowed and passing) promote; returns what happened."""
+    from tasks import registry
+
+    params = load_params(Path(root) / "params.yaml")
+    out = task(register_candidate, name="register", retries=2, retry_delay_seconds=5, timeout_seconds=600)(root)
+    client, _ = _client(Path(root))
+    current = registry.champion_version(client, out["model_name"])
+    out["champion"] = str(current.version) if current else None
+    if not out["registered"]:
+        out.update(promoted=False, gate=None, reason="already registered by an earlier run: nothing new to decide")
         return out
-    decision = registry.decide_promotion(float(metrics[params.promote.metric]), champ_value,
-                                         metric=params.promote.metric)
-    promote = decision.promote and allow_promotion
-    reason = decision.reason if allow_promotion or not decision.promote else decision.reason + " (promotion disabled)"
-    client.set_model_version_tag(reg.model_name, registration.version, "gate", "passed" if decision.promote else "failed")
-    client.set_model_version_tag(reg.model_name, registration.version, "gate.reason", reason)
-    if promote:
-        registry.set_champion(client, reg.model_name, registration.version, reason)
-    out.update(promoted=promote, reason=reason, champion=registration.version if promote else champ_version)
+    decision = task(gate, name="gate", retries=1, retry_delay_seconds=5, timeout_seconds=1800)(
+        root, out["version"], out["run_id"])
+    out["gate"] = decision
+    if not decision["passed"]:
+        out.update(promoted=False, reason="gate FAILED: " + "; ".join(decision["reasons"]))
+        return out
+    if not allow_promotion or params.promote.require_approval:
+        why = "promotion disabled for this run" if not allow_promotion else "promote.require_approval is true"
+        out.update(promoted=False, reason=f"gate passed; stays `challenger` ({why}): imgclf promote {out['version']}")
+        return out
+    against = decision["compared_with"]
+    reason = "gate passed" + (f" against v{against}" if against else " (first champion: floors only)")
+    conflict = task(promote, name="promote", retries=2, retry_delay_seconds=5, timeout_seconds=300)(
+        root, out["version"], against, reason)
+    if conflict:
+        out.update(promoted=False, reason=conflict, conflict=True)
+        return out
+    out.update(promoted=True, champion=out["version"], reason=reason)
     return out
 
 
@@ -115,9 +177,7 @@ def retrain(overrides: dict[str, Any] | None = None, source: str | None = None, 
             did = stage_task(str(root), stage)
             logger.info("%s: %s", stage, "ran" if did else "up to date")
             ran += did
-        registry_task = task(register_and_promote, name="register", retries=2, retry_delay_seconds=5,
-                             timeout_seconds=600)
-        result = registry_task(str(root), allow_promotion=allow_promotion)
+        result = register_gate_promote(str(root), allow_promotion=allow_promotion)
     metrics = json.loads((root / "reports/metrics.json").read_text())
     ingest = json.loads((root / "data/ingest.json").read_text())
     summary = {
@@ -129,6 +189,8 @@ def retrain(overrides: dict[str, Any] | None = None, source: str | None = None, 
     stamp = time.strftime("%Y%m%d-%H%M%S")
     write_resolved(params, root / "runs" / stamp / "params.yaml")
     (root / "runs" / stamp / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    if (summary.get("gate") and not summary["gate"]["passed"]) or summary.get("conflict"):
+        raise RunFailed(summary["reason"], summary)
     return summary
 
 

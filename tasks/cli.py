@@ -61,11 +61,15 @@ def run(
         console.print(f"[red]{exc}[/]")
         raise typer.Exit(2) from None
     _prefect_defaults()
-    from flows.retrain import retrain
+    from flows.retrain import RunFailed, retrain
 
     console.print(f"[bold]imgclf run[/] in {root}" + (f" with overrides {overrides}" if overrides else ""))
     try:
         summary = retrain(overrides=overrides, source=source, allow_promotion=promote, project_dir=str(root))
+    except RunFailed as exc:
+        _print_summary(exc.summary)
+        console.print(f"[red bold]run failed:[/] {exc}")
+        raise typer.Exit(1) from None
     except Exception as exc:  # the stage already printed its own detail
         console.print(f"[red bold]run failed:[/] {exc}")
         raise typer.Exit(1) from None
@@ -79,6 +83,14 @@ def _print_summary(s: dict) -> None:
     table.add_row("test accuracy", f"{s['accuracy']:.4f}  (macro F1 {s['macro_f1']:.4f})")
     table.add_row("model version", f"{s['model_name']} v{s['version']}" + ("  (new)" if s["registered"] else "  (already registered, nothing new)"))
     table.add_row("champion", f"v{s['champion']}" + ("  <- promoted" if s["promoted"] else "") if s["champion"] else "none")
+    gate = s.get("gate")
+    if gate:
+        table.add_row("gate", ("passed" if gate["passed"] else "FAILED") + (
+            f" against v{gate['compared_with']}" if gate["compared_with"] else " (no champion: floors only)"))
+        for check in gate["checks"]:
+            if not check["passed"] or check["name"] in ("non_inferiority", "class_recall_drop"):
+                table.add_row(f"  {check['name']}", ("pass  " if check["passed"] else "FAIL  ") + (check["detail"] or
+                              f"{check['value']} vs {check['threshold']}"))
     table.add_row("decision", s["reason"])
     if s["overrides"]:
         table.add_row("overrides", json.dumps(s["overrides"]) + "  (params.yaml left as it was)")
@@ -132,19 +144,36 @@ def predict(
 
 
 @app.command()
-def promote(version: Annotated[str, typer.Argument(help="Registered version to make champion.")]) -> None:
-    """Move `champion` to VERSION (recorded in the alias history)."""
+def promote(
+    version: Annotated[str, typer.Argument(help="Registered version to make champion.")],
+    force: Annotated[bool, typer.Option(help="Promote even without a passing, current gate record (recorded).")] = False,
+) -> None:
+    """Move `champion` to VERSION after re-checking its gate record (compare-and-set, recorded)."""
     from tasks import registry
+    from tasks.gate import check_gate_record
 
-    client, params = _client(project_root())
+    root = project_root()
+    client, params = _client(root)
     name = params.register_.model_name
     try:
-        client.get_model_version(name, version)
+        mv = client.get_model_version(name, version)
     except Exception:
         console.print(f"[red]{name} has no version {version}[/]")
         raise typer.Exit(1) from None
-    registry.set_champion(client, name, version, "manual promotion (imgclf promote)")
-    console.print(f"champion -> {name} v{version}")
+    current = registry.champion_version(client, name)
+    now = str(current.version) if current else None
+    problem = check_gate_record(mv.tags, champion_now=now)
+    if problem and not force:
+        console.print(f"[red]not promoted:[/] {problem} (use --force to override; the override is recorded)")
+        raise typer.Exit(1)
+    reason = "manual promotion (imgclf promote)" + (f" FORCED over: {problem}" if problem else ": gate record passed")
+    try:
+        registry.promote_if_unchanged(client, name, version, expected=now, reason=reason,
+                                      lock_path=root / registry.LOCK_FILE)
+    except registry.PromotionConflict as exc:
+        console.print(f"[red]{exc}[/]")
+        raise typer.Exit(1) from None
+    console.print(f"champion -> {name} v{version} (was {'v' + now if now else 'none'})")
 
 
 @app.command()

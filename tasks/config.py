@@ -98,7 +98,22 @@ class RegisterParams(_Section):
 
 
 class PromoteParams(_Section):
-    metric: Literal["accuracy", "macro_f1"] = "accuracy"
+    min_accuracy: float = Field(0.8, ge=0, le=1)
+    min_macro_f1: float = Field(0.8, ge=0, le=1)
+    margin: float = Field(0.01, ge=0, lt=1)
+    confidence: float = Field(0.95, gt=0.5, lt=1)
+    bootstrap_samples: int = Field(2000, ge=100)
+    max_class_recall_drop: float = Field(0.10, ge=0, le=1)
+    max_ece: float | None = Field(None, ge=0, le=1)
+    max_latency_ms_b1: float | None = Field(None, gt=0)
+    min_onnx_agreement: float | None = Field(None, ge=0, le=1)
+    require_approval: bool = False
+
+    def policy(self, seed: int = 0):
+        """The gate's view of this section."""
+        from tasks.gate import Policy
+
+        return Policy(**self.model_dump(exclude={"require_approval"}), seed=seed)
 
 
 class ScheduleParams(_Section):

@@ -1,34 +1,29 @@
-"""Registry side of a run: register the candidate (idempotently), decide, move the `champion` alias."""
+"""Registry side effects: register the candidate (idempotently), gather the gate's inputs, record the
+decision, and move aliases with compare-and-set and an audit trail. Decisions live in tasks/gate.py."""
 
 from __future__ import annotations
 
 import json
 import subprocess
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from tasks.gate import ChampionScore, Decision, GateInput, per_class_recall
+
 if TYPE_CHECKING:
+    import pandas as pd
     from mlflow import MlflowClient
 
 CHAMPION = "champion"
+CHALLENGER = "challenger"
+HISTORY_TAG = "champion.history"
+LOCK_FILE = Path(".imgclf/registry.lock")
 
 
-@dataclass(frozen=True)
-class Decision:
-    promote: bool
-    reason: str
-
-
-def decide_promotion(candidate: float, champion: float | None, *, metric: str = "accuracy") -> Decision:
-    """Pure: promote when there is no champion, or the candidate is not lower on the metric."""
-    if candidate != candidate:  # NaN
-        return Decision(False, f"candidate {metric} is NaN")
-    if champion is None:
-        return Decision(True, f"no champion yet; candidate {metric} {candidate:.4f}")
-    if candidate >= champion:
-        return Decision(True, f"candidate {metric} {candidate:.4f} >= champion's {champion:.4f}")
-    return Decision(False, f"candidate {metric} {candidate:.4f} < champion's {champion:.4f}")
+class PromotionConflict(RuntimeError):
+    """`champion` moved after the gate compared against it; the promotion was not made."""
 
 
 @dataclass(frozen=True)
@@ -37,6 +32,8 @@ class Registration:
     created: bool
     run_id: str
 
+
+# ---------------------------------------------------------------- lineage and registration
 
 def git_state(root: Path) -> dict[str, str]:
     """Commit and dirty flag of the project, or 'none' outside git."""
@@ -49,26 +46,36 @@ def git_state(root: Path) -> dict[str, str]:
     return {"git.commit": commit, "git.dirty": dirty}
 
 
-def lineage_tags(root: Path, metrics: dict[str, Any], params_digest: str) -> dict[str, str]:
-    """Tags that say where a version came from."""
+def _file_hash(path: Path) -> str:
     import hashlib
 
-    def file_hash(rel: str) -> str:
-        path = root / rel
-        return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else "missing"
+    return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else "missing"
 
-    ingest = json.loads((root / "data/ingest.json").read_text())
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def lineage_tags(root: Path, metrics: dict[str, Any], params_digest: str) -> dict[str, str]:
+    """Tags that say where a version came from."""
+    ingest = _read_json(root / "data/ingest.json") or {}
+    validation = _read_json(root / "reports/validation/summary.json") or {}
     tags = {
         **git_state(root),
-        "data.hash": ingest["content_hash"],
-        "data.source": ingest["source"],
+        "data.hash": str(ingest.get("content_hash", "missing")),
+        "data.source": str(ingest.get("source", "missing")),
+        "data.time": str(ingest.get("ingested_at", "")),
+        "validation": "passed" if validation.get("success") else "failed",
         "test.hash": str(metrics.get("test_hash", "")),
         "params.hash": params_digest,
-        "dvc.lock.hash": file_hash("dvc.lock"),
-        "requirements.lock.hash": file_hash("requirements.lock"),
+        "dvc.lock.hash": _file_hash(root / "dvc.lock"),
+        "requirements.lock.hash": _file_hash(root / "requirements.lock"),
     }
-    for key in ("accuracy", "macro_f1"):
-        if key in metrics:
+    for key in ("accuracy", "macro_f1", "ece", "latency_ms_b1"):
+        if isinstance(metrics.get(key), (int, float)):
             tags[f"test.{key}"] = f"{float(metrics[key]):.6f}"
     return tags
 
@@ -80,7 +87,7 @@ def find_version_for_run(client: "MlflowClient", name: str, run_id: str) -> str 
 
 
 def register(client: "MlflowClient", name: str, *, model_uri: str, run_id: str, tags: dict[str, str]) -> Registration:
-    """Register the candidate once per training run; a repeat returns the existing version."""
+    """Register the candidate once per training run and point `challenger` at it."""
     import mlflow
     from mlflow.exceptions import MlflowException
 
@@ -91,30 +98,28 @@ def register(client: "MlflowClient", name: str, *, model_uri: str, run_id: str, 
         client.create_registered_model(name)
     except MlflowException:
         pass  # already exists
-    version = mlflow.register_model(model_uri, name, tags=tags)
-    return Registration(str(version.version), True, run_id)
+    version = str(mlflow.register_model(model_uri, name, tags=tags).version)
+    # A retried task may have registered concurrently: the lowest version for this run wins.
+    winner = find_version_for_run(client, name, run_id) or version
+    client.set_registered_model_alias(name, CHALLENGER, winner)
+    return Registration(winner, winner == version, run_id)
 
 
-def champion_version(client: "MlflowClient", name: str):
-    """The ModelVersion under alias `champion`, or None."""
+# ---------------------------------------------------------------- aliases
+
+def alias_version(client: "MlflowClient", name: str, alias: str = CHAMPION):
+    """The ModelVersion under alias, or None."""
     from mlflow.exceptions import MlflowException
 
     try:
-        return client.get_model_version_by_alias(name, CHAMPION)
+        return client.get_model_version_by_alias(name, alias)
     except MlflowException:
         return None
 
 
-def champion_metric(client: "MlflowClient", name: str, metric: str) -> tuple[str | None, float | None]:
-    """(version, metric value) of the current champion."""
-    current = champion_version(client, name)
-    if current is None:
-        return None, None
-    value = current.tags.get(f"test.{metric}")
-    return str(current.version), float(value) if value is not None else float("nan")
-
-
-HISTORY_TAG = "champion.history"
+def champion_version(client: "MlflowClient", name: str):
+    """The ModelVersion under alias `champion`, or None."""
+    return alias_version(client, name, CHAMPION)
 
 
 def alias_history(client: "MlflowClient", name: str) -> list[dict[str, str]]:
@@ -126,7 +131,6 @@ def alias_history(client: "MlflowClient", name: str) -> list[dict[str, str]]:
 def set_champion(client: "MlflowClient", name: str, version: str, reason: str) -> None:
     """Point `champion` at version, note why on the version and append the move to the history."""
     import getpass
-    from datetime import datetime, timezone
 
     current = champion_version(client, name)
     client.set_registered_model_alias(name, CHAMPION, version)
@@ -138,9 +142,97 @@ def set_champion(client: "MlflowClient", name: str, version: str, reason: str) -
     client.set_registered_model_tag(name, HISTORY_TAG, json.dumps(history))
 
 
+def promote_if_unchanged(client: "MlflowClient", name: str, version: str, *, expected: str | None, reason: str,
+                         lock_path: Path) -> None:
+    """Compare-and-set: move `champion` to version only if it still points at `expected`."""
+    from filelock import FileLock
+
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(lock_path), timeout=120):
+        current = champion_version(client, name)
+        now = str(current.version) if current else None
+        if now != expected:
+            raise PromotionConflict(
+                f"champion is v{now} but the gate compared v{version} against "
+                f"{'v' + expected if expected else 'no champion'}: not promoted; re-run to gate against v{now}")
+        set_champion(client, name, version, reason)
+
+
 def previous_champion(history: list[dict[str, str]], current: str | None) -> str | None:
     """Pure: the version `champion` pointed at before its latest move to current."""
     for move in reversed(history):
         if move["to"] == current:
             return move["from"] or None
     return None
+
+
+# ---------------------------------------------------------------- gate inputs and record
+
+def cross_split_duplicates(manifest: "pd.DataFrame", splits: dict[str, "pd.DataFrame"]) -> int:
+    """Pure: how many duplicate groups (same sha256, or same `group` when the manifest has one) sit in
+    more than one split."""
+    key = "group" if "group" in manifest.columns else "sha256"
+    where: dict[str, set[str]] = {}
+    lookup = dict(zip(manifest["path"], manifest[key].astype(str)))
+    for split_name, frame in splits.items():
+        for path in frame["path"]:
+            if path in lookup:
+                where.setdefault(lookup[path], set()).add(split_name)
+    return sum(1 for names in where.values() if len(names) > 1)
+
+
+def rescore(model_uri: str, paths: list[Path], *, batch_size: int = 256) -> list[str]:
+    """Predicted labels of a registered model for image files (through its pyfunc, as served)."""
+    import mlflow
+    import pandas as pd
+
+    model = mlflow.pyfunc.load_model(model_uri)
+    labels: list[str] = []
+    for start in range(0, len(paths), batch_size):
+        chunk = [str(p) for p in paths[start:start + batch_size]]
+        labels += [str(v) for v in model.predict(pd.DataFrame({"image": chunk}))["label"]]
+    return labels
+
+
+def gate_input(root: Path, client: "MlflowClient", name: str, *, candidate_version: str) -> GateInput:
+    """Everything the gate needs, read from the project's outputs and the registry."""
+    import pandas as pd
+
+    from tasks.io import sha256_file
+
+    metrics = _read_json(root / "reports/metrics.json")
+    validation = _read_json(root / "reports/validation/summary.json")
+    ingest = _read_json(root / "data/ingest.json") or {}
+    test_csv = root / "data/splits/test.csv"
+    splits = {s: pd.read_csv(root / f"data/splits/{s}.csv", dtype={"label": str}) for s in ("train", "val", "test")}
+    manifest = pd.read_csv(root / "data/manifest.csv", dtype={"label": str})
+    predictions = pd.read_csv(root / "reports/predictions.csv", dtype={"label": str, "prediction": str})
+    candidate_correct = (predictions["label"] == predictions["prediction"]).tolist()
+
+    champion = None
+    current = champion_version(client, name)
+    if current is not None and str(current.version) != candidate_version:
+        try:
+            champ_pred = rescore(f"models:/{name}/{current.version}", [root / "data/raw" / p for p in predictions["path"]])
+            correct = [a == b for a, b in zip(predictions["label"], champ_pred)]
+            recall = per_class_recall(predictions["label"].tolist(), champ_pred)
+        except Exception as exc:  # the gate must refuse, not crash, when the champion cannot be re-scored
+            correct, recall = [], {}
+            client.set_model_version_tag(name, candidate_version, "gate.champion_error", str(exc)[:500])
+        champion = ChampionScore(version=str(current.version), correct=correct, per_class_recall=recall,
+                                 data_time=current.tags.get("data.time") or None)
+    return GateInput(
+        metrics=metrics, candidate_correct=candidate_correct, test_hash_now=sha256_file(test_csv),
+        validation_passed=None if validation is None else bool(validation.get("success")),
+        leakage=cross_split_duplicates(manifest, splits), data_time=ingest.get("ingested_at") or None,
+        champion=champion,
+    )
+
+
+def record_decision(client: "MlflowClient", name: str, version: str, run_id: str, decision: Decision) -> None:
+    """The decision as JSON + markdown on the training run, and summarised as tags on the version."""
+    client.log_dict(run_id, decision.to_dict(), "gate/decision.json")
+    client.log_text(run_id, decision.markdown(), "gate/decision.md")
+    client.set_model_version_tag(name, version, "gate", "passed" if decision.passed else "failed")
+    client.set_model_version_tag(name, version, "gate.reasons", "; ".join(decision.reasons)[:4900] or "all checks passed")
+    client.set_model_version_tag(name, version, "gate.compared_with", decision.compared_with or "")

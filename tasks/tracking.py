@@ -67,8 +67,11 @@ def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def log_serving_model(model_dir: Path) -> str:
     """Log the candidate as a pickle-free pyfunc (models from code + safetensors); returns its model URI."""
+    import warnings
+
     import mlflow
 
+    warnings.filterwarnings("ignore", message="Add type hints to the `predict` method")
     info = mlflow.pyfunc.log_model(
         name="model",
         python_model=str(SERVING_CODE),

@@ -66,6 +66,7 @@ def project(tmp_path_factory) -> tuple[Path, dict[str, str]]:
     write_overrides(dest / "params.yaml", {
         "ingest.source": str(images), "ingest.watch": str(images), "validate.min_images_per_class": 5,
         "train.epochs": 3, "train.batch_size": 16, "train.image_size": 24, "train.lr": 0.01,
+        "promote.min_accuracy": 0.0, "promote.min_macro_f1": 0.0,
     })
     env = _env(tmp)
     for cmd in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "copy"]):
@@ -84,7 +85,9 @@ def _versions(root: Path) -> list[dict]:
         "import json, mlflow; mlflow.set_tracking_uri('sqlite:///mlflow.db'); c = mlflow.MlflowClient();"
         "vs = c.search_model_versions(\"name='imgclf'\");"
         "ch = c.get_model_version_by_alias('imgclf', 'champion').version;"
-        "print(json.dumps([{'version': str(v.version), 'champion': str(v.version) == str(ch), 'tags': v.tags} for v in vs]))"
+        "al = lambda a: str(c.get_model_version_by_alias('imgclf', a).version);"
+        "print(json.dumps([{'version': str(v.version), 'champion': str(v.version) == str(ch),"
+        " 'challenger': str(v.version) == al('challenger'), 'tags': v.tags} for v in vs]))"
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True)
     return sorted(json.loads(out.stdout.strip().splitlines()[-1]), key=lambda v: int(v["version"]))
@@ -120,16 +123,19 @@ def test_second_run_with_nothing_changed_trains_and_registers_nothing(project):
     assert [v["version"] for v in _versions(root)] == ["1"]
 
 
-def test_override_applies_to_one_run_only_and_registers_a_new_version(project):
+def test_approval_mode_leaves_a_passing_candidate_as_challenger(project):
     root, _ = project
     before = (root / "params.yaml").read_bytes()
-    res = imgclf(project, "run", "--set", "train.epochs=2")
+    res = imgclf(project, "run", "--set", "train.epochs=2", "--set", "promote.margin=0.99",
+                 "--set", "promote.max_class_recall_drop=1", "--set", "promote.require_approval=true")
     assert res.returncode == 0, res.stdout + res.stderr
-    assert "train" in res.stdout and (root / "params.yaml").read_bytes() == before
+    assert (root / "params.yaml").read_bytes() == before  # overrides were for that run only
     assert json.loads((root / "models/candidate/history.json").read_text())[-1]["epoch"] == 2
     versions = _versions(root)
     assert [v["version"] for v in versions] == ["1", "2"]
-    assert versions[1]["tags"]["gate"] in {"passed", "failed"}
+    assert versions[1]["tags"]["gate"] == "passed" and versions[1]["tags"]["gate.compared_with"] == "1"
+    assert versions[0]["champion"] and versions[1]["challenger"]
+    assert "imgclf promote 2" in res.stdout
 
 
 def test_predict_uses_the_champion_without_unpickling(project, tmp_path):
@@ -141,6 +147,33 @@ def test_predict_uses_the_champion_without_unpickling(project, tmp_path):
     assert lines[0].startswith("path,label,probability") and len(lines) == 16
 
 
+def test_manual_promote_history_and_rollback(project):
+    root, _ = project
+    res = imgclf(project, "promote", "2")
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert _versions(root)[1]["champion"]
+    res = imgclf(project, "history")
+    assert res.returncode == 0 and "manual promotion" in res.stdout
+    res = imgclf(project, "rollback")
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert _versions(root)[0]["champion"]
+    again = imgclf(project, "promote", "2")  # its gate compared against v1, champion is v1 again: allowed
+    assert again.returncode == 0
+    imgclf(project, "rollback")
+
+
+def test_a_failing_gate_registers_but_never_promotes_and_fails_the_run(project):
+    root, _ = project
+    res = imgclf(project, "run", "--set", "train.epochs=1", "--set", "promote.max_latency_ms_b1=0.0001")
+    assert res.returncode == 1, res.stdout + res.stderr
+    assert "gate FAILED" in res.stdout and "max_latency_ms_b1" in res.stdout
+    versions = _versions(root)
+    assert [v["version"] for v in versions] == ["1", "2", "3"]
+    assert versions[2]["tags"]["gate"] == "failed" and versions[0]["champion"]
+    refused = imgclf(project, "promote", "3")
+    assert refused.returncode == 1 and "gate record is 'failed'" in refused.stdout
+
+
 def test_failed_data_contract_stops_before_training(project):
     root, _ = project
     weights = (root / "models/candidate/model.safetensors").read_bytes()
@@ -149,4 +182,4 @@ def test_failed_data_contract_stops_before_training(project):
     assert "Data contract FAILED" in res.stdout + res.stderr
     assert "class_count" in (root / "reports/validation/summary.md").read_text()
     assert (root / "models/candidate/model.safetensors").read_bytes() == weights
-    assert len(_versions(root)) == 2
+    assert len(_versions(root)) == 3

@@ -11,16 +11,8 @@ from PIL import Image
 from tasks import registry, tracking
 from tasks.models import build_model, save_model
 from tasks.preprocess import Preprocess
-from tasks.registry import Decision, decide_promotion, previous_champion
-
-
-@pytest.mark.parametrize(
-    ("candidate", "champion", "promote"),
-    [(0.9, None, True), (0.9, 0.9, True), (0.91, 0.9, True), (0.89, 0.9, False), (float("nan"), None, False)],
-)
-def test_decide_promotion(candidate, champion, promote):
-    decision = decide_promotion(candidate, champion)
-    assert isinstance(decision, Decision) and decision.promote is promote and decision.reason
+from tasks.gate import Decision
+from tasks.registry import PromotionConflict, cross_split_duplicates, previous_champion
 
 
 def test_previous_champion_walks_the_history_back():
@@ -64,17 +56,70 @@ def test_registration_is_idempotent_and_champion_moves_are_recorded(tmp_path: Pa
     again = registry.register(store, "m", model_uri=uri1, run_id=run1, tags={"test.accuracy": "0.9"})
     assert first.created and not again.created and first.version == again.version == "1"
     assert len(store.search_model_versions("name='m'")) == 1
+    assert str(registry.alias_version(store, "m", "challenger").version) == "1"
 
-    assert registry.champion_metric(store, "m", "accuracy") == (None, None)
-    registry.set_champion(store, "m", "1", "first")
-    assert registry.champion_metric(store, "m", "accuracy") == ("1", 0.9)
+    assert registry.champion_version(store, "m") is None
+    registry.promote_if_unchanged(store, "m", "1", expected=None, reason="first", lock_path=tmp_path / "lock")
+    assert str(registry.champion_version(store, "m").version) == "1"
 
     run2, uri2 = _logged_model(tmp_path, 2)
     second = registry.register(store, "m", model_uri=uri2, run_id=run2, tags={"test.accuracy": "0.95"})
-    registry.set_champion(store, "m", second.version, "better")
+    assert str(registry.alias_version(store, "m", "challenger").version) == second.version == "2"
+    registry.promote_if_unchanged(store, "m", "2", expected="1", reason="better", lock_path=tmp_path / "lock")
     history = registry.alias_history(store, "m")
     assert [(h["from"], h["to"], h["reason"]) for h in history] == [("", "1", "first"), ("1", "2", "better")]
+    assert all(h["by"] and h["time"] for h in history)
     assert previous_champion(history, "2") == "1"
+
+
+def test_two_racing_promotions_end_with_exactly_one_winner(tmp_path: Path, store):
+    from concurrent.futures import ThreadPoolExecutor
+
+    versions = []
+    for seed in (1, 2, 3):
+        run, uri = _logged_model(tmp_path, seed)
+        versions.append(registry.register(store, "race", model_uri=uri, run_id=run, tags={}).version)
+    registry.promote_if_unchanged(store, "race", versions[0], expected=None, reason="first", lock_path=tmp_path / "l")
+
+    def attempt(version: str) -> str:
+        try:
+            registry.promote_if_unchanged(store, "race", version, expected=versions[0], reason="gate passed",
+                                          lock_path=tmp_path / "l")
+            return "promoted"
+        except PromotionConflict as exc:
+            return str(exc)
+
+    with ThreadPoolExecutor(2) as pool:
+        outcomes = list(pool.map(attempt, versions[1:]))
+    assert outcomes.count("promoted") == 1
+    loser = next(o for o in outcomes if o != "promoted")
+    assert "not promoted" in loser and f"v{versions[0]}" in loser
+    winner = versions[1 + outcomes.index("promoted")]
+    assert str(registry.champion_version(store, "race").version) == winner
+    assert len(registry.alias_history(store, "race")) == 2
+
+
+def test_decision_is_recorded_on_the_run_and_as_version_tags(tmp_path: Path, store):
+    import mlflow
+
+    run, uri = _logged_model(tmp_path, 4)
+    version = registry.register(store, "rec", model_uri=uri, run_id=run, tags={}).version
+    decision = Decision(False, [], "7")
+    registry.record_decision(store, "rec", version, run, decision)
+    tags = store.get_model_version("rec", version).tags
+    assert tags["gate"] == "failed" and tags["gate.compared_with"] == "7"
+    local = mlflow.artifacts.download_artifacts(run_id=run, artifact_path="gate", dst_path=str(tmp_path / "dl"))
+    assert sorted(p.name for p in Path(local).iterdir()) == ["decision.json", "decision.md"]
+
+
+def test_cross_split_duplicates_counts_groups_in_more_than_one_split():
+    manifest = pd.DataFrame({"path": ["a", "b", "c", "d"], "sha256": ["1", "1", "2", "3"]})
+    splits = {"train": pd.DataFrame({"path": ["a", "c"]}), "test": pd.DataFrame({"path": ["b", "d"]})}
+    assert cross_split_duplicates(manifest, splits) == 1
+    splits = {"train": pd.DataFrame({"path": ["a", "b"]}), "test": pd.DataFrame({"path": ["c", "d"]})}
+    assert cross_split_duplicates(manifest, splits) == 0
+    grouped = manifest.assign(group=["g1", "g2", "g1", "g3"])  # near-duplicate groups win over sha256
+    assert cross_split_duplicates(grouped, splits) == 1
 
 
 def test_served_model_loads_without_pickle_and_predicts_paths_bytes_and_base64(tmp_path: Path, store):

@@ -1,0 +1,213 @@
+"""The promotion gate: a pure decision over evaluation facts, the champion's re-score and the policy.
+
+Nothing here touches MLflow, files or Prefect; tasks/registry.py and flows/ gather the inputs and
+act on the decision."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any, Sequence
+
+HEADLINE = ("accuracy", "macro_f1")
+
+
+@dataclass(frozen=True)
+class Policy:
+    """The `promote` section of params.yaml, as the gate sees it."""
+
+    min_accuracy: float = 0.0
+    min_macro_f1: float = 0.0
+    margin: float = 0.01
+    confidence: float = 0.95
+    bootstrap_samples: int = 2000
+    max_class_recall_drop: float = 0.05
+    max_ece: float | None = None
+    max_latency_ms_b1: float | None = None
+    min_onnx_agreement: float | None = None
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class ChampionScore:
+    """The champion re-scored on the candidate's (current) test split."""
+
+    version: str
+    correct: Sequence[bool]
+    per_class_recall: dict[str, float]
+    data_time: str | None = None
+
+
+@dataclass(frozen=True)
+class GateInput:
+    metrics: dict[str, Any] | None           # reports/metrics.json of the candidate, None if missing
+    candidate_correct: Sequence[bool] | None  # per test image, same order as the champion's
+    test_hash_now: str                        # sha256 of data/splits/test.csv now
+    validation_passed: bool | None            # None: no validation record found
+    leakage: int | None                       # duplicate groups straddling splits; None: not checked
+    data_time: str | None = None              # when the candidate's data was ingested (ISO 8601)
+    champion: ChampionScore | None = None
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    passed: bool
+    value: Any
+    threshold: Any
+    detail: str = ""
+
+
+@dataclass(frozen=True)
+class Decision:
+    passed: bool
+    checks: list[Check] = field(default_factory=list)
+    compared_with: str | None = None
+
+    @property
+    def reasons(self) -> list[str]:
+        """One line per failed check."""
+        return [f"{c.name}: {c.detail or f'{c.value} vs {c.threshold}'}" for c in self.checks if not c.passed]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"passed": self.passed, "compared_with": self.compared_with, "reasons": self.reasons,
+                "checks": [asdict(c) for c in self.checks]}
+
+    def markdown(self) -> str:
+        """The decision as a table: each check, value, threshold, pass or fail."""
+        head = "PASSED" if self.passed else "FAILED"
+        against = f" against champion v{self.compared_with}" if self.compared_with else " (no champion: floors only)"
+        lines = [f"## Promotion gate: {head}{against}", "", "| check | value | threshold | result | detail |",
+                 "|---|---|---|---|---|"]
+        for c in self.checks:
+            lines.append(f"| {c.name} | {_fmt(c.value)} | {_fmt(c.threshold)} | {'pass' if c.passed else 'FAIL'} "
+                         f"| {c.detail} |")
+        return "\n".join(lines) + "\n"
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_fmt(v) for v in value) + "]"
+    return "" if value is None else str(value)
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def paired_bootstrap_diff(candidate: Sequence[bool], champion: Sequence[bool], *, samples: int,
+                          confidence: float, seed: int) -> tuple[float, float, float]:
+    """(mean difference, lower, upper) of candidate - champion accuracy, resampling test images in pairs."""
+    import numpy as np
+
+    a = np.asarray(candidate, dtype=np.float64)
+    b = np.asarray(champion, dtype=np.float64)
+    if a.shape != b.shape or a.size == 0:
+        raise ValueError("paired comparison needs two equally long, non-empty correctness vectors")
+    diff = a - b
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, diff.size, size=(samples, diff.size))
+    boot = diff[idx].mean(axis=1)
+    alpha = 1.0 - confidence
+    return float(diff.mean()), float(np.quantile(boot, alpha / 2)), float(np.quantile(boot, 1 - alpha / 2))
+
+
+def mcnemar_p(candidate: Sequence[bool], champion: Sequence[bool]) -> float:
+    """Exact two-sided McNemar p-value on the discordant pairs (reported beside the bootstrap)."""
+    from scipy.stats import binomtest
+
+    only_cand = sum(1 for a, b in zip(candidate, champion) if a and not b)
+    only_champ = sum(1 for a, b in zip(candidate, champion) if b and not a)
+    n = only_cand + only_champ
+    return 1.0 if n == 0 else float(binomtest(only_cand, n, 0.5).pvalue)
+
+
+def decide(inp: GateInput, policy: Policy) -> Decision:
+    """All checks, each with value and threshold; the candidate passes only if every check passes."""
+    checks: list[Check] = []
+    m = inp.metrics
+    ok_eval = m is not None and m.get("status", "ok") == "ok" and all(_finite(m.get(k)) for k in HEADLINE)
+    checks.append(Check("evaluation", ok_eval, "present" if m is not None else "missing", "present, finite",
+                        "" if ok_eval else ("evaluation missing" if m is None else
+                                            "evaluation failed or has NaN/missing headline metrics")))
+    checks.append(Check("data_validation", inp.validation_passed is True, inp.validation_passed, True,
+                        "" if inp.validation_passed else "data validation did not pass (or no record)"))
+    checks.append(Check("leakage", inp.leakage == 0, inp.leakage, 0,
+                        "" if inp.leakage == 0 else ("leakage not checked" if inp.leakage is None
+                                                     else f"{inp.leakage} duplicate groups straddle splits")))
+    test_hash = m.get("test_hash") if m else None
+    checks.append(Check("test_set", test_hash == inp.test_hash_now, (test_hash or "")[:12], inp.test_hash_now[:12],
+                        "" if test_hash == inp.test_hash_now else "metrics were computed on a different test set"))
+    if not ok_eval:  # nothing below can be trusted
+        return Decision(False, checks, inp.champion.version if inp.champion else None)
+
+    checks.append(Check("min_accuracy", m["accuracy"] >= policy.min_accuracy, m["accuracy"], policy.min_accuracy))
+    checks.append(Check("min_macro_f1", m["macro_f1"] >= policy.min_macro_f1, m["macro_f1"], policy.min_macro_f1))
+    if policy.max_ece is not None:
+        ece = m.get("ece")
+        checks.append(Check("max_ece", _finite(ece) and ece <= policy.max_ece, ece, policy.max_ece,
+                            "" if _finite(ece) else "no calibration error in the evaluation"))
+    if policy.max_latency_ms_b1 is not None:
+        lat = m.get("latency_ms_b1")
+        checks.append(Check("max_latency_ms_b1", _finite(lat) and lat <= policy.max_latency_ms_b1, lat,
+                            policy.max_latency_ms_b1, "" if _finite(lat) else "no latency in the evaluation"))
+    if policy.min_onnx_agreement is not None:
+        agree = (m.get("onnx") or {}).get("top1_agreement")
+        checks.append(Check("onnx_parity", _finite(agree) and agree >= policy.min_onnx_agreement, agree,
+                            policy.min_onnx_agreement, "" if _finite(agree) else "no ONNX parity in the evaluation"))
+
+    champ = inp.champion
+    if champ is not None:
+        checks += _against_champion(inp, champ, policy)
+    return Decision(all(c.passed for c in checks), checks, champ.version if champ else None)
+
+
+def _against_champion(inp: GateInput, champ: ChampionScore, policy: Policy) -> list[Check]:
+    checks: list[Check] = []
+    if inp.data_time and champ.data_time:
+        fresh = inp.data_time >= champ.data_time
+        checks.append(Check("data_freshness", fresh, inp.data_time, champ.data_time,
+                            "" if fresh else "the candidate was trained on data older than the champion's"))
+    cand = inp.candidate_correct
+    if cand is None or len(cand) != len(champ.correct) or not len(cand):
+        checks.append(Check("non_inferiority", False, None, -policy.margin,
+                            "no paired per-image results for the candidate and the champion"))
+        return checks
+    diff, low, high = paired_bootstrap_diff(cand, champ.correct, samples=policy.bootstrap_samples,
+                                            confidence=policy.confidence, seed=policy.seed)
+    p = mcnemar_p(cand, champ.correct)
+    checks.append(Check("non_inferiority", low > -policy.margin, [low, high], -policy.margin,
+                        f"accuracy difference {diff:+.4f}, {policy.confidence:.0%} paired bootstrap interval "
+                        f"[{low:+.4f}, {high:+.4f}] must stay above -{policy.margin}; McNemar p={p:.3f}"))
+    per_class = (inp.metrics or {}).get("per_class", {})
+    drops = {c: champ.per_class_recall[c] - v["recall"] for c, v in per_class.items()
+             if c in champ.per_class_recall and _finite(v.get("recall"))}
+    worst = max(drops, key=drops.get) if drops else None
+    worst_drop = drops[worst] if worst else 0.0
+    checks.append(Check("class_recall_drop", worst_drop <= policy.max_class_recall_drop, worst_drop,
+                        policy.max_class_recall_drop,
+                        f"largest recall drop: class {worst!r} {worst_drop:+.4f}" if worst else "no shared classes"))
+    return checks
+
+
+def per_class_recall(labels: Sequence[str], predictions: Sequence[str]) -> dict[str, float]:
+    """Recall per true class from label/prediction pairs."""
+    totals: dict[str, int] = {}
+    hits: dict[str, int] = {}
+    for y, p in zip(labels, predictions):
+        totals[y] = totals.get(y, 0) + 1
+        hits[y] = hits.get(y, 0) + (y == p)
+    return {c: hits[c] / totals[c] for c in sorted(totals)}
+
+
+def check_gate_record(tags: dict[str, str], *, champion_now: str | None) -> str | None:
+    """Pure: why a version may not be promoted by hand (None when its gate record allows it)."""
+    if tags.get("gate") != "passed":
+        return f"its gate record is {tags.get('gate', 'missing')!r}: {tags.get('gate.reasons', 'never gated')}"
+    compared = tags.get("gate.compared_with") or None
+    if compared != champion_now:
+        return (f"its gate compared against {'v' + compared if compared else 'no champion'} but champion is now "
+                f"{'v' + champion_now if champion_now else 'unset'}: re-run `imgclf run` to gate it again")
+    return None
