@@ -142,6 +142,10 @@ def register_gate_promote(root: str, *, allow_promotion: bool) -> dict[str, Any]
         out.update(promoted=False, reason=conflict, conflict=True)
         return out
     out.update(promoted=True, champion=out["version"], reason=reason)
+    from tasks.summary import notify
+
+    notify("promoted", {"model": out["model_name"], "version": out["version"], "previous": against,
+                        "reason": reason}, url=params.schedule.webhook_url)
     return out
 
 
@@ -158,7 +162,63 @@ def overridden(params_file: Path, overrides: dict[str, Any]) -> Iterator[None]:
         restore_file(params_file, original)
 
 
-@flow(name="retrain", log_prints=True)
+class RunBusy(RuntimeError):
+    """Another run holds the project's run lock."""
+
+
+@contextmanager
+def run_lock(root: Path, wait_s: float) -> Iterator[None]:
+    """One run at a time per project: a second run waits up to wait_s, then exits with a clear message."""
+    from filelock import FileLock, Timeout
+
+    path = root / ".imgclf" / "run.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(path))
+    try:
+        lock.acquire(timeout=wait_s)
+    except Timeout:
+        raise RunBusy(f"another imgclf run is in progress in {root} (it holds {path}); not started. "
+                      "Set schedule.wait_for_lock_s to wait instead.") from None
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def _notify_failure(flow, flow_run, state) -> None:
+    """Flow hook: tell someone a run failed (webhook from params, else the log)."""
+    from tasks.summary import notify
+
+    try:
+        root = project_root(Path(flow_run.parameters.get("project_dir") or "."))
+        url = load_params(root / "params.yaml").schedule.webhook_url
+    except Exception:
+        url = None
+    notify("failed", {"flow_run": flow_run.name, "state": state.name, "message": str(state.message)[:2000]},
+           url=url)
+
+
+def _publish(root: Path, summary: dict[str, Any]) -> None:
+    """Prefect artifacts with stable keys, so each run's report accumulates in the UI."""
+    from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+    from tasks import tracking
+    from tasks.summary import per_class_rows, run_markdown
+
+    params = load_params(root / "params.yaml")
+    validation_file = root / "reports/validation/summary.json"
+    validation = json.loads(validation_file.read_text()) if validation_file.exists() else None
+    run_file = root / "models/candidate/mlflow.json"
+    experiment = json.loads(run_file.read_text()).get("experiment_id") if run_file.exists() else None
+    uri = tracking.resolve_tracking_uri(params.register_.tracking_uri, root)
+    create_markdown_artifact(run_markdown(summary, validation=validation, tracking_uri=uri, experiment_id=experiment),
+                             key="retrain-summary", description="imgclf run summary")
+    rows = per_class_rows(json.loads((root / "reports/metrics.json").read_text()))
+    if rows:
+        create_table_artifact(rows, key="per-class-metrics", description="test split, per class")
+
+
+@flow(name="retrain", log_prints=True, on_failure=[_notify_failure], on_crashed=[_notify_failure])
 def retrain(overrides: dict[str, Any] | None = None, source: str | None = None, allow_promotion: bool = True,
             project_dir: str | None = None) -> dict[str, Any]:
     """Ingest -> validate -> split -> train -> evaluate (through DVC), then register and promote."""
@@ -168,7 +228,8 @@ def retrain(overrides: dict[str, Any] | None = None, source: str | None = None, 
     if source:
         overrides["ingest.source"] = source
     started = time.time()
-    with overridden(root / "params.yaml", overrides):
+    wait_s = load_params(root / "params.yaml").schedule.wait_for_lock_s
+    with run_lock(root, wait_s), overridden(root / "params.yaml", overrides):
         params = load_params(root / "params.yaml")
         ran: list[str] = []
         for stage in STAGES:
@@ -189,6 +250,9 @@ def retrain(overrides: dict[str, Any] | None = None, source: str | None = None, 
     stamp = time.strftime("%Y%m%d-%H%M%S")
     write_resolved(params, root / "runs" / stamp / "params.yaml")
     (root / "runs" / stamp / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    _publish(root, summary)
+    if not ran:
+        logger.info("up to date: no new data, code or params; nothing trained, nothing registered")
     if (summary.get("gate") and not summary["gate"]["passed"]) or summary.get("conflict"):
         raise RunFailed(summary["reason"], summary)
     return summary

@@ -61,11 +61,14 @@ def run(
         console.print(f"[red]{exc}[/]")
         raise typer.Exit(2) from None
     _prefect_defaults()
-    from flows.retrain import RunFailed, retrain
+    from flows.retrain import RunBusy, RunFailed, retrain
 
     console.print(f"[bold]imgclf run[/] in {root}" + (f" with overrides {overrides}" if overrides else ""))
     try:
         summary = retrain(overrides=overrides, source=source, allow_promotion=promote, project_dir=str(root))
+    except RunBusy as exc:
+        console.print(f"[yellow]{exc}[/]")
+        raise typer.Exit(3) from None
     except RunFailed as exc:
         _print_summary(exc.summary)
         console.print(f"[red bold]run failed:[/] {exc}")
@@ -239,6 +242,15 @@ def schedule() -> None:
     console.print(f"serving flow 'retrain' on cron {params.schedule.cron!r} ({params.schedule.timezone}); Ctrl-C to stop")
     retrain.serve(name="scheduled", schedules=[Cron(params.schedule.cron, timezone=params.schedule.timezone)],
                   parameters={"project_dir": str(root)})
+
+
+@app.command()
+def server(port: Annotated[int, typer.Option(help="Port on 127.0.0.1.")] = 4200) -> None:
+    """Start a Prefect server on 127.0.0.1 (for `imgclf schedule`, deployments and the Prefect UI)."""
+    console.print(f"Prefect server on http://127.0.0.1:{port} ; in another shell: "
+                  f"export PREFECT_API_URL=http://127.0.0.1:{port}/api && imgclf schedule")
+    cmd = [str(Path(sys.executable).parent / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)]
+    raise typer.Exit(subprocess.call(cmd))
 
 
 def main() -> None:  # pragma: no cover

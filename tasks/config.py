@@ -119,6 +119,8 @@ class PromoteParams(_Section):
 class ScheduleParams(_Section):
     cron: str = "0 3 * * *"
     timezone: str = "UTC"
+    webhook_url: str | None = None
+    wait_for_lock_s: float = Field(0, ge=0)
 
 
 class Params(_Section):

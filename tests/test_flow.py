@@ -183,3 +183,67 @@ def test_failed_data_contract_stops_before_training(project):
     assert "class_count" in (root / "reports/validation/summary.md").read_text()
     assert (root / "models/candidate/model.safetensors").read_bytes() == weights
     assert len(_versions(root)) == 3
+
+
+def test_a_deployment_on_a_real_prefect_server_runs_and_registers(project, tmp_path):
+    """`prefect server start` + `imgclf schedule` (flow.serve) + a run triggered through the API."""
+    import signal
+    import socket
+    import time
+    import urllib.request
+
+    root, env = project
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    api = f"http://127.0.0.1:{port}/api"
+    env = {**env, "PREFECT_HOME": str(tmp_path / "prefect-server-home"), "PREFECT_API_URL": api}
+    procs = []
+
+    def start(cmd, log):
+        procs.append(subprocess.Popen(cmd, cwd=root, env=env, stdout=(tmp_path / log).open("w"),
+                                      stderr=subprocess.STDOUT, start_new_session=True))
+
+    def wait_until(check, seconds, what):
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            if check():
+                return
+            time.sleep(1)
+        raise AssertionError(f"{what} not ready after {seconds} s: " + "".join(
+            (tmp_path / p).read_text()[-3000:] for p in ("server.log", "serve.log") if (tmp_path / p).exists()))
+
+    def healthy():
+        try:
+            return urllib.request.urlopen(f"{api}/health", timeout=2).status == 200
+        except OSError:
+            return False
+
+    prefect = str(VENV_BIN / "prefect")
+    try:
+        start([prefect, "server", "start", "--host", "127.0.0.1", "--port", str(port)], "server.log")
+        wait_until(healthy, 120, "prefect server")
+        start([str(VENV_BIN / "imgclf"), "schedule"], "serve.log")
+        listed = lambda: subprocess.run([prefect, "deployment", "ls"], env=env, capture_output=True,  # noqa: E731
+                                        text=True).stdout
+        wait_until(lambda: "scheduled" in listed(), 120, "served deployment")
+        overrides = json.dumps({"overrides": {"train.epochs": 4, "promote.margin": 0.99,
+                                              "promote.max_class_recall_drop": 1}})
+        run = subprocess.run([prefect, "deployment", "run", "retrain/scheduled", "--params", overrides,
+                              "--watch", "--watch-timeout", "400"], env=env, capture_output=True, text=True,
+                             timeout=450)
+        assert run.returncode == 0, run.stdout + run.stderr
+        assert "Completed" in run.stdout + run.stderr
+    finally:
+        for p in procs:
+            try:
+                os.killpg(p.pid, signal.SIGTERM)
+                p.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait(timeout=30)
+            except ProcessLookupError:
+                pass
+    assert all(p.poll() is not None for p in procs)
+    versions = _versions(root)
+    assert len(versions) == 4 and versions[3]["tags"]["gate"] == "passed"
