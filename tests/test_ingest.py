@@ -29,7 +29,7 @@ def test_sample_digits_is_1797_grayscale_pngs_in_10_classes_and_deterministic(tm
     assert first.n_files == 1797
     assert sorted(first.classes) == [str(d) for d in range(10)]
     assert sum(first.classes.values()) == 1797
-    assert first.skipped == []
+    assert first.rejected == []
 
     files = sorted((tmp_path / "a").rglob("*.png"))
     assert len(files) == 1797
@@ -67,7 +67,7 @@ def test_folder_source_copies_class_folders(image_folder, tmp_path):
     result = ingest(str(image_folder), dest)
     assert result.classes == {"cat": 12, "dog": 12, "fish": 12}
     assert result.n_files == 36
-    assert result.skipped == []
+    assert result.rejected == []
     assert _snapshot(dest) == _snapshot(image_folder)
     assert result.source == str(image_folder)
 
@@ -152,7 +152,7 @@ def test_files_at_the_source_root_are_skipped_with_a_reason(image_folder, tmp_pa
     (image_folder / "README.txt").write_text("my photos")
     (image_folder / "stray.png").write_bytes((image_folder / "cat" / "img_00.png").read_bytes())
     result = ingest(str(image_folder), tmp_path / "raw")
-    skipped = {item["path"]: item["reason"] for item in result.skipped}
+    skipped = {item["path"]: item["reason"] for item in result.rejected}
     assert set(skipped) == {"README.txt", "stray.png"}
     assert all("root" in reason for reason in skipped.values())
     assert result.n_files == 36
@@ -169,7 +169,7 @@ def test_symlinked_file_resolving_outside_the_source_is_skipped_with_a_reason(im
 
     dest = tmp_path / "raw"
     result = ingest(str(image_folder), dest)
-    assert result.skipped == [{"path": "cat/link.png", "reason": "symlink resolves outside the source"}]
+    assert result.rejected == [{"path": "cat/link.png", "label": "cat", "reason": "symlink resolves outside the source"}]
     assert not (dest / "cat" / "link.png").exists()
     assert result.classes == {"cat": 12, "dog": 13, "fish": 12}
     copied = dest / "dog" / "inner.png"
@@ -187,7 +187,7 @@ def test_symlinked_class_folder_outside_the_source_is_reported(image_folder, tmp
 
     result = ingest(str(image_folder), tmp_path / "raw")
     assert "bird" not in result.classes  # not followed outside the source ...
-    assert any(item["path"].split("/")[0] == "bird" for item in result.skipped), result.skipped  # ... but reported
+    assert any(item["path"].split("/")[0] == "bird" for item in result.rejected), result.rejected  # ... but reported
 
 
 # --- failures leave dest untouched --------------------------------------------------------------------
