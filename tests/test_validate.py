@@ -340,7 +340,7 @@ def test_odd_but_valid_images_are_accepted_with_the_policy_noted(image_folder, t
         assert note in rows.loc[path, "note"], (path, rows.loc[path, "note"])
     assert rows.loc["dog/anim.gif", "n_frames"] == 3
     assert (rows.loc["dog/rotated.jpg", "width"], rows.loc["dog/rotated.jpg", "height"]) == (20, 40)
-    assert rows.loc["dog/rotated.jpg", "exif_orientation"] == 6
+    assert float(rows.loc["dog/rotated.jpg", "exif_orientation"]) == 6
     summary = json.loads((out / "reports" / "validation" / "summary.json").read_text())
     assert summary["policy_notes"]["first frame of a multi-frame file used"] == 1
     assert "Image policy applied" in (out / "reports" / "validation" / "summary.md").read_text()
