@@ -172,7 +172,8 @@ def build_manifest(raw_dir: Path, *, max_pixels: int = MAX_PIXELS, layout: str =
         rows.append({"path": item["path"], "label": item.get("label", ""), "split_hint": "", "decodable": False,
                      "accepted": False, "reason": f"not ingested: {item['reason']}", "note": ""})
     frame = pd.DataFrame(rows, columns=MANIFEST_COLUMNS)
-    frame = frame.astype({"accepted": bool, "decodable": bool})
+    frame = frame.astype({"accepted": bool, "decodable": bool, "bytes": "Int64", "width": "Int64",
+                          "height": "Int64", "n_frames": "Int64", "exif_orientation": "Int64"})
     for i, reason in _label_conflicts(frame).items():
         frame.loc[i, ["accepted", "reason"]] = [False, reason]
     frame[["reason", "note", "split_hint"]] = frame[["reason", "note", "split_hint"]].fillna("")
