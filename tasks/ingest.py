@@ -9,6 +9,7 @@ is not copied is listed in data/ingest.json with its reason (hidden files are co
 from __future__ import annotations
 
 import csv
+import hashlib
 import os
 import shutil
 import tempfile
@@ -27,6 +28,7 @@ SPLIT_ALIASES = {"train": "train", "val": "val", "valid": "val", "validation": "
 SPLIT_NAMES = ("train", "val", "test")
 Layout = Literal["classes", "presplit"]
 _MAX_LISTED_IGNORED = 50
+_HASH_WHILE_COPYING = 16 << 20  # files up to this size are read once: copied and hashed together
 
 
 class IngestError(RuntimeError):
@@ -59,6 +61,8 @@ class _Report:
     rejected: list[dict[str, str]] = field(default_factory=list)
     ignored: list[str] = field(default_factory=list)
     renamed: list[dict[str, str]] = field(default_factory=list)
+    made: set[Path] = field(default_factory=set)  # folders already created under dest
+    digests: dict[Path, str] = field(default_factory=dict)  # sha256 of files hashed while copying
 
     def reject(self, path: str, reason: str, label: str = "") -> None:
         self.rejected.append({"path": safe_name(path), "label": safe_name(label), "reason": reason})
@@ -140,15 +144,24 @@ def _place(dest: Path, parts: list[str], report: _Report, original: str) -> Path
             return None
         report.renamed.append({"from": safe_name(original), "to": "/".join(safe),
                                "reason": "file name is not valid UTF-8"})
-    target.parent.mkdir(parents=True, exist_ok=True)
+    if target.parent not in report.made:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        report.made.add(target.parent)
     return target
 
 
-def _transfer(path: Path, target: Path, *, move: bool) -> None:
+def _transfer(path: Path, target: Path, report: _Report, *, move: bool) -> None:
+    """Copy (or, for a scratch extraction, move) one file; small files are hashed on the way through."""
     if move and not path.is_symlink():
         os.replace(path, target)
-    else:
+        return
+    if path.stat().st_size > _HASH_WHILE_COPYING:
         shutil.copyfile(path, target)
+        return
+    data = path.read_bytes()
+    with open(target, "xb") as out:
+        out.write(data)
+    report.digests[target] = hashlib.sha256(data).hexdigest()
 
 
 def copy_tree(src: Path, dest: Path, report: _Report, *, move: bool = False) -> Layout:
@@ -165,7 +178,7 @@ def copy_tree(src: Path, dest: Path, report: _Report, *, move: bool = False) -> 
             parts = [SPLIT_ALIASES[parts[0].lower()], *parts[1:]]
         target = _place(dest, parts, report, rel)
         if target is not None:
-            _transfer(path, target, move=move)
+            _transfer(path, target, report, move=move)
     return layout
 
 
@@ -238,7 +251,7 @@ def copy_csv(csv_path: Path, dest: Path, report: _Report) -> Layout:
             prefix = [SPLIT_ALIASES[row["split"].strip().lower()]] if presplit else []
             target = _place(dest, [*prefix, row["label"], *norm.split("/")], report, norm)
             if target is not None:
-                shutil.copyfile(path, target)
+                _transfer(path, target, report, move=False)
     return "presplit" if presplit else "classes"
 
 
@@ -253,7 +266,7 @@ def _summarise(source: str, kind: str, layout: Layout, dest: Path, report: _Repo
         classes[label] = classes.get(label, 0) + 1
         if layout == "presplit":
             splits[parts[0]] = splits.get(parts[0], 0) + 1
-    digest = tree_digest((p.relative_to(dest).as_posix(), sha256_file(p)) for p in files)
+    digest = tree_digest((p.relative_to(dest).as_posix(), report.digests.get(p) or sha256_file(p)) for p in files)
     ignored = sorted(report.ignored)
     return IngestResult(source=source, kind=kind, layout=layout, content_hash=digest, n_files=len(files),
                         classes=dict(sorted(classes.items())), splits=dict(sorted(splits.items())),

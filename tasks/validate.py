@@ -145,12 +145,12 @@ def discover(raw_dir: Path, *, layout: str = "classes") -> list[tuple[Path, str,
 def _label_conflicts(frame: "pd.DataFrame") -> dict[int, str]:
     """Row index -> reason, for identical bytes filed under more than one label."""
     ok = frame[frame["accepted"]]
+    n_labels = ok.groupby("sha256")["label"].transform("nunique")
     reasons: dict[int, str] = {}
-    for _, group in ok.groupby("sha256"):
-        if group["label"].nunique() > 1:
-            for i, row in group.iterrows():
-                others = [f"{p} ({lab})" for p, lab in zip(group["path"], group["label"]) if p != row["path"]]
-                reasons[i] = "label conflict: identical to " + ", ".join(others[:3])
+    for _, group in ok[n_labels > 1].groupby("sha256"):
+        for i, row in group.iterrows():
+            others = [f"{p} ({lab})" for p, lab in zip(group["path"], group["label"]) if p != row["path"]]
+            reasons[i] = "label conflict: identical to " + ", ".join(others[:3])
     return reasons
 
 
