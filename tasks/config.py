@@ -40,8 +40,11 @@ class BaseParams(_Section):
 class IngestParams(_Section):
     source: str = "sample:digits"
     watch: str = "tasks/sample.py"
-    sha256: str | None = None
+    sha256: str | None = Field(None, pattern=r"^[0-9a-fA-F]{64}$")
     sample_size: int = Field(32, ge=8, le=512)
+    max_members: int = Field(1_000_000, ge=1)
+    max_total_bytes: int = Field(50 * 2**30, ge=1)
+    max_compression_ratio: float = Field(100.0, gt=1)
 
     @model_validator(mode="after")
     def _check_source(self) -> "IngestParams":
@@ -49,7 +52,14 @@ class IngestParams(_Section):
             raise ValueError(f"ingest.sha256 is required for the URL source {self.source!r}")
         if not self.source.startswith("sample:") and not is_url(self.source):
             src, watch = Path(self.source), Path(self.watch)
-            if src != watch and watch not in src.parents:
+            if src.suffix.lower() == ".csv":
+                # a CSV lists images beside it: watching the CSV alone would miss a changed image
+                if watch not in src.parents:
+                    raise ValueError(
+                        f"ingest.watch ({self.watch!r}) must be a folder holding the CSV manifest and its images, "
+                        f"so DVC re-ingests when either changes: set ingest.watch: {src.parent.as_posix() or '.'}"
+                    )
+            elif src != watch and watch not in src.parents:
                 raise ValueError(
                     f"ingest.watch ({self.watch!r}) must be the source path or a folder above it, "
                     f"so DVC re-ingests when images change: set ingest.watch: {self.source}"
@@ -57,14 +67,36 @@ class IngestParams(_Section):
         return self
 
 
+# Every mode the image policy (tasks/preprocess.to_mode) converts explicitly.
+SUPPORTED_MODES = ["1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr",
+                   "I", "I;16", "I;16B", "I;16L", "I;16N", "F"]
+
+
 class ValidateParams(_Section):
     min_images_per_class: int = Field(10, ge=1)
     labels: list[str] | None = None
+    max_pixels: int = Field(50_000_000, ge=1)
+    min_side: int = Field(8, ge=1)
+    max_side: int = Field(20_000, ge=1)
+    allowed_modes: list[str] = Field(default_factory=lambda: list(SUPPORTED_MODES), min_length=1)
+    max_class_imbalance: float = Field(10.0, ge=1)
+    max_rejected_share: float = Field(0.05, ge=0, le=1)
+    max_duplicate_share: float = Field(0.05, ge=0, le=1)
+
+    @model_validator(mode="after")
+    def _check_bounds(self) -> "ValidateParams":
+        if self.min_side > self.max_side:
+            raise ValueError("validate.min_side must not exceed validate.max_side")
+        unknown = sorted(set(self.allowed_modes) - set(SUPPORTED_MODES))
+        if unknown:
+            raise ValueError(f"validate.allowed_modes: {unknown} not supported; choose from {SUPPORTED_MODES}")
+        return self
 
 
 class SplitParams(_Section):
     val_fraction: float = Field(0.15, gt=0, lt=1)
     test_fraction: float = Field(0.15, gt=0, lt=1)
+    near_duplicate_distance: int = Field(4, ge=0, le=64)
 
     @model_validator(mode="after")
     def _leave_training_data(self) -> "SplitParams":

@@ -1,17 +1,34 @@
-"""Stage `ingest`: a source (built-in sample or a folder of class sub-folders) -> data/raw/."""
+"""Stage `ingest`: a source -> data/raw/ (one DVC-tracked folder), atomically, with a content hash.
+
+Sources: `sample:digits`; a folder of class sub-folders, or one already split into train/ val/ test/;
+a .zip/.tar(.gz) archive; an http(s) URL of one (sha256 required); a CSV manifest (path,label[,split]).
+data/raw/ is <class>/<file> or, for pre-split sources, <split>/<class>/<file>. Every file found that
+is not copied is listed in data/ingest.json with its reason (hidden files are counted as ignored).
+"""
 
 from __future__ import annotations
 
+import csv
+import hashlib
+import os
 import shutil
+import tempfile
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
+from typing import IO, Callable, Literal
 
+from tasks.archive import ArchiveError, Caps, download, extract_archive, is_archive, safe_name
 from tasks.io import replace_dir, sha256_file, staging_dir, tree_digest, write_json
 from tasks.sample import SAMPLE_PREFIX, materialise
 
 RAW_DIR = Path("data/raw")
 RECORD = Path("data/ingest.json")
-IGNORED_NAMES = {"__MACOSX", "Thumbs.db", "desktop.ini"}
+IGNORED_NAMES = {"__MACOSX", "Thumbs.db", "desktop.ini", "__pycache__"}
+SPLIT_ALIASES = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
+SPLIT_NAMES = ("train", "val", "test")
+Layout = Literal["classes", "presplit"]
+_MAX_LISTED_IGNORED = 50
+_HASH_WHILE_COPYING = 16 << 20  # files up to this size are read once: copied and hashed together
 
 
 class IngestError(RuntimeError):
@@ -21,103 +38,334 @@ class IngestError(RuntimeError):
 @dataclass(frozen=True)
 class IngestResult:
     source: str
+    kind: str
+    layout: Layout
     content_hash: str
     n_files: int
     classes: dict[str, int]
-    skipped: list[dict[str, str]] = field(default_factory=list)
+    splits: dict[str, int] = field(default_factory=dict)
+    rejected: list[dict[str, str]] = field(default_factory=list)
+    ignored: int = 0
+    ignored_examples: list[str] = field(default_factory=list)
+    renamed: list[dict[str, str]] = field(default_factory=list)
+    source_sha256: str | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
-def is_hidden(rel: Path) -> bool:
+@dataclass
+class _Report:
+    """What happened to every file that was found but not copied as-is."""
+
+    rejected: list[dict[str, str]] = field(default_factory=list)
+    ignored: list[str] = field(default_factory=list)
+    renamed: list[dict[str, str]] = field(default_factory=list)
+    made: set[Path] = field(default_factory=set)  # folders already created under dest
+    digests: dict[Path, str] = field(default_factory=dict)  # sha256 of files hashed while copying
+
+    def reject(self, path: str, reason: str, label: str = "") -> None:
+        self.rejected.append({"path": safe_name(path), "label": safe_name(label), "reason": reason})
+
+
+def is_hidden(rel: Path | PurePosixPath) -> bool:
     """Hidden files and folders (dotfiles, __MACOSX, ...) are never data and never a class."""
     return any(part.startswith(".") or part in IGNORED_NAMES for part in rel.parts)
 
 
-def _copy_class_folders(src: Path, dest: Path) -> list[dict[str, str]]:
-    """Copy every file under src/<class>/ into dest/<class>/; return what was skipped and why."""
-    skipped: list[dict[str, str]] = []
+def source_kind(source: str) -> str:
+    """sample, url, archive, csv or folder."""
+    if source.startswith(SAMPLE_PREFIX):
+        return "sample"
+    if source.startswith(("http://", "https://")):
+        return "url"
+    if is_archive(source):
+        return "archive"
+    if source.lower().endswith(".csv"):
+        return "csv"
+    return "folder"
+
+
+def detect_layout(root: Path) -> Layout:
+    """presplit when every top-level folder is a split name (train/ val|valid|validation/ test/) and train/ is one."""
+    dirs = [e.name for e in os.scandir(root) if e.is_dir() and not is_hidden(PurePosixPath(e.name))]
+    lowered = [d.lower() for d in dirs]
+    if dirs and all(d in SPLIT_ALIASES for d in lowered) and "train" in lowered:
+        canonical = [SPLIT_ALIASES[d] for d in lowered]
+        if len(set(canonical)) != len(canonical):
+            raise IngestError(f"{root}: more than one folder for the same split: {sorted(dirs)}")
+        return "presplit"
+    return "classes"
+
+
+def _walk(src: Path, report: _Report) -> list[tuple[str, Path]]:
+    """(relative POSIX path, file path) of every regular file under src; links and oddities reported."""
     root = src.resolve()
-    for path in sorted(src.rglob("*")):
-        rel = path.relative_to(src)
-        if is_hidden(rel):
-            continue
-        if path.is_dir() and path.is_symlink():  # rglob does not follow these: say so, never drop silently
-            inside = path.resolve().is_relative_to(root)
-            skipped.append({"path": str(rel), "reason": "symlinked folder not followed" + (
-                "" if inside else ": it resolves outside the source")})
-            continue
-        if path.is_dir():
-            continue
-        if len(rel.parts) < 2:
-            skipped.append({"path": str(rel), "reason": "file at the source root belongs to no class folder"})
-            continue
-        if path.is_symlink() and not path.resolve().is_relative_to(root):
-            skipped.append({"path": str(rel), "reason": "symlink resolves outside the source"})
-            continue
-        if not path.is_file():
-            skipped.append({"path": str(rel), "reason": "not a regular file"})
-            continue
-        target = dest / rel
+    found: list[tuple[str, Path]] = []
+    stack = [(src, "")]
+    while stack:
+        folder, prefix = stack.pop()
+        with os.scandir(folder) as entries:
+            for entry in sorted(entries, key=lambda e: e.name):
+                rel = f"{prefix}{entry.name}"
+                if is_hidden(PurePosixPath(entry.name)):
+                    report.ignored.append(safe_name(rel))
+                    continue
+                path = Path(entry.path)
+                if entry.is_symlink():
+                    target = path.resolve()
+                    inside = target.is_relative_to(root)
+                    if target.is_dir():  # not followed: a folder link could loop or leave the source
+                        report.reject(rel, "symlinked folder not followed" +
+                                      ("" if inside else ": it resolves outside the source"), rel.split("/")[0])
+                    elif not inside:
+                        report.reject(rel, "symlink resolves outside the source", rel.split("/")[0])
+                    elif not target.is_file():
+                        report.reject(rel, "broken symlink", rel.split("/")[0])
+                    else:
+                        found.append((rel, path))
+                elif entry.is_dir(follow_symlinks=False):
+                    stack.append((path, rel + "/"))
+                elif entry.is_file(follow_symlinks=False):
+                    found.append((rel, path))
+                else:
+                    report.reject(rel, "not a regular file (device, FIFO or socket)", rel.split("/")[0])
+    return sorted(found)
+
+
+def _place(dest: Path, parts: list[str], report: _Report, original: str) -> Path | None:
+    """dest/<parts> with every part valid UTF-8; a renamed part is recorded, a clash is rejected."""
+    safe = [safe_name(p) for p in parts]
+    target = dest.joinpath(*safe)
+    if safe != parts:
+        if target.exists():
+            report.reject(original, f"name is not valid UTF-8 and its readable form {'/'.join(safe)!r} is taken",
+                          safe[0])
+            return None
+        report.renamed.append({"from": safe_name(original), "to": "/".join(safe),
+                               "reason": "file name is not valid UTF-8"})
+    if target.parent not in report.made:
         target.parent.mkdir(parents=True, exist_ok=True)
+        report.made.add(target.parent)
+    return target
+
+
+def _transfer(path: Path, target: Path, report: _Report, *, move: bool) -> None:
+    """Copy (or, for a scratch extraction, move) one file; small files are hashed on the way through."""
+    if move and not path.is_symlink():
+        os.replace(path, target)
+        return
+    if path.stat().st_size > _HASH_WHILE_COPYING:
         shutil.copyfile(path, target)
-    return skipped
+        return
+    data = path.read_bytes()
+    with open(target, "xb") as out:
+        out.write(data)
+    report.digests[target] = hashlib.sha256(data).hexdigest()
 
 
-def _summarise(source: str, dest: Path, skipped: list[dict[str, str]]) -> IngestResult:
+def copy_tree(src: Path, dest: Path, report: _Report, *, move: bool = False) -> Layout:
+    """Class folders (or train/val/test of class folders) under src -> dest; returns the layout."""
+    layout = detect_layout(src)
+    depth = 2 if layout == "presplit" else 1
+    for rel, path in _walk(src, report):
+        parts = rel.split("/")
+        if len(parts) <= depth:
+            where = "the source root" if depth == 1 else f"{parts[0]}/"
+            report.reject(rel, f"file directly in {where} belongs to no class folder")
+            continue
+        if layout == "presplit":
+            parts = [SPLIT_ALIASES[parts[0].lower()], *parts[1:]]
+        target = _place(dest, parts, report, rel)
+        if target is not None:
+            _transfer(path, target, report, move=move)
+    return layout
+
+
+def _unwrap(root: Path) -> Path:
+    """An archive holding one top-level folder of folders (pets/cat/..., pets/dog/...) is read from inside it."""
+    entries = [e for e in os.scandir(root) if not is_hidden(PurePosixPath(e.name))]
+    if len(entries) == 1 and entries[0].is_dir(follow_symlinks=False) and entries[0].name.lower() not in SPLIT_ALIASES:
+        inner = Path(entries[0].path)
+        if any(e.is_dir(follow_symlinks=False) for e in os.scandir(inner)):
+            return inner
+    return root
+
+
+def _clean_label(label: str) -> str | None:
+    label = label.strip()
+    if not label or label in (".", "..") or "/" in label or "\\" in label or is_hidden(PurePosixPath(label)):
+        return None
+    return label
+
+
+def copy_csv(csv_path: Path, dest: Path, report: _Report) -> Layout:
+    """Rows path,label[,split] of a CSV (paths relative to its folder) -> dest/[split/]label/path."""
+    base = csv_path.parent.resolve()
+    try:
+        with open(csv_path, newline="", encoding="utf-8-sig") as fh:
+            reader = csv.DictReader(fh)
+            columns = [c.strip() for c in (reader.fieldnames or [])]
+            rows = [{k.strip(): (v or "") for k, v in row.items() if k is not None} for row in reader]
+    except UnicodeDecodeError as exc:
+        raise IngestError(f"{csv_path}: not UTF-8 text ({exc})") from None
+    if not {"path", "label"} <= set(columns):
+        raise IngestError(f"{csv_path}: a CSV manifest needs the columns path,label (found {columns})")
+    presplit = "split" in columns
+    by_path: dict[str, list[tuple[int, dict[str, str]]]] = {}
+    for line, row in enumerate(rows, start=2):
+        raw = row["path"].strip()
+        label = _clean_label(row["label"])
+        where = f"{raw} (line {line})"
+        if label is None:
+            report.reject(where, f"invalid or empty label {row['label']!r}", row["label"])
+            continue
+        if not raw:
+            report.reject(where, "empty path", label)
+            continue
+        if Path(raw).is_absolute() or ".." in PurePosixPath(raw.replace("\\", "/")).parts:
+            report.reject(where, "path escapes the CSV's folder (absolute or ..)", label)
+            continue
+        if presplit and row.get("split", "").strip().lower() not in SPLIT_ALIASES:
+            report.reject(where, f"unknown split {row.get('split', '')!r} (use train, val or test)", label)
+            continue
+        norm = PurePosixPath(raw.replace("\\", "/")).as_posix()
+        by_path.setdefault(norm, []).append((line, {**row, "label": label}))
+    for norm, listed in sorted(by_path.items()):
+        labels = sorted({row["label"] for _, row in listed})
+        if len(labels) > 1:
+            for line, row in listed:
+                report.reject(f"{norm} (line {line})", f"label conflict: listed as {', '.join(labels)}", row["label"])
+            continue
+        (line, row), duplicates = listed[0], listed[1:]
+        for dup_line, dup in duplicates:
+            report.reject(f"{norm} (line {dup_line})", f"listed twice (first on line {line})", dup["label"])
+        path = csv_path.parent / norm
+        if is_hidden(PurePosixPath(norm)):
+            report.reject(norm, "hidden file listed in the CSV", row["label"])
+        elif not path.resolve().is_relative_to(base):
+            report.reject(norm, "symlink resolves outside the CSV's folder", row["label"])
+        elif not path.is_file():
+            report.reject(norm, "listed in the CSV but not found (or not a regular file)", row["label"])
+        else:
+            prefix = [SPLIT_ALIASES[row["split"].strip().lower()]] if presplit else []
+            target = _place(dest, [*prefix, row["label"], *norm.split("/")], report, norm)
+            if target is not None:
+                _transfer(path, target, report, move=False)
+    return "presplit" if presplit else "classes"
+
+
+def _summarise(source: str, kind: str, layout: Layout, dest: Path, report: _Report,
+               source_sha256: str | None) -> IngestResult:
     files = sorted(p for p in dest.rglob("*") if p.is_file())
     classes: dict[str, int] = {}
+    splits: dict[str, int] = {}
     for p in files:
-        label = p.relative_to(dest).parts[0]
+        parts = p.relative_to(dest).parts
+        label = parts[1] if layout == "presplit" else parts[0]
         classes[label] = classes.get(label, 0) + 1
-    digest = tree_digest((str(p.relative_to(dest)), sha256_file(p)) for p in files)
-    return IngestResult(source=source, content_hash=digest, n_files=len(files),
-                        classes=dict(sorted(classes.items())), skipped=skipped)
+        if layout == "presplit":
+            splits[parts[0]] = splits.get(parts[0], 0) + 1
+    digest = tree_digest((p.relative_to(dest).as_posix(), report.digests.get(p) or sha256_file(p)) for p in files)
+    ignored = sorted(report.ignored)
+    return IngestResult(source=source, kind=kind, layout=layout, content_hash=digest, n_files=len(files),
+                        classes=dict(sorted(classes.items())), splits=dict(sorted(splits.items())),
+                        rejected=sorted(report.rejected, key=lambda r: r["path"]), ignored=len(ignored),
+                        ignored_examples=ignored[:_MAX_LISTED_IGNORED],
+                        renamed=sorted(report.renamed, key=lambda r: r["to"]), source_sha256=source_sha256)
 
 
-def ingest(source: str, dest: Path = RAW_DIR, *, sample_size: int = 32) -> IngestResult:
-    """Materialise source into dest atomically: dest is untouched unless the whole copy succeeds."""
-    staged = staging_dir(dest)
+def _from_archive(archive: Path, staged: Path, scratch: Path, report: _Report, caps: Caps) -> Layout:
+    unpacked = scratch / "unpacked"
     try:
-        if source.startswith(SAMPLE_PREFIX):
+        extract_archive(archive, unpacked, caps=caps)
+    except ArchiveError as exc:
+        raise IngestError(str(exc)) from None
+    return copy_tree(_unwrap(unpacked), staged, report, move=True)
+
+
+def ingest(source: str, dest: Path = RAW_DIR, *, sample_size: int = 32, sha256: str | None = None,
+           caps: Caps = Caps(), fetch: Callable[[str], IO[bytes]] | None = None) -> IngestResult:
+    """Materialise source into dest atomically: dest is untouched unless the whole ingest succeeds."""
+    kind = source_kind(source)
+    staged = staging_dir(dest)
+    scratch = Path(tempfile.mkdtemp(prefix=f".{dest.name}.scratch.", dir=dest.parent))
+    report = _Report()
+    source_sha: str | None = None
+    layout: Layout = "classes"
+    try:
+        if kind == "sample":
             materialise(source[len(SAMPLE_PREFIX):], staged, size=sample_size)
-            skipped: list[dict[str, str]] = []
+        elif kind == "url":
+            if not sha256:
+                raise IngestError(f"{source}: a URL source needs ingest.sha256")
+            name = safe_name(PurePosixPath(source.split("?")[0]).name) or "download"
+            try:
+                archive = download(source, scratch / name, sha256=sha256, max_bytes=caps.max_total_bytes,
+                                   **({"fetch": fetch} if fetch else {}))
+            except ArchiveError as exc:
+                raise IngestError(str(exc)) from None
+            source_sha = sha256.lower()
+            layout = _from_archive(archive, staged, scratch, report, caps)
         else:
             src = Path(source).expanduser()
-            if not src.is_dir():
-                raise IngestError(f"{source}: source not found or not a folder of class sub-folders")
-            skipped = _copy_class_folders(src, staged)
-        result = _summarise(source, staged, skipped)
+            if kind == "archive":
+                if not src.is_file():
+                    raise IngestError(f"{source}: archive not found")
+                source_sha = sha256_file(src)
+                if sha256 and sha256.lower() != source_sha:
+                    raise IngestError(f"{source}: sha256 {source_sha} does not match ingest.sha256 {sha256}")
+                layout = _from_archive(src, staged, scratch, report, caps)
+            elif kind == "csv":
+                if not src.is_file():
+                    raise IngestError(f"{source}: CSV manifest not found")
+                layout = copy_csv(src, staged, report)
+            else:
+                if not src.is_dir():
+                    raise IngestError(f"{source}: source not found or not a folder of class sub-folders "
+                                      "(nor an archive, CSV manifest, URL or sample:)")
+                layout = copy_tree(src, staged, report)
+        result = _summarise(source, kind, layout, staged, report, source_sha)
         if result.n_files == 0:
-            raise IngestError(f"{source}: no files found in class sub-folders")
+            raise IngestError(f"{source}: no files found in class sub-folders"
+                              + (f" ({len(report.rejected)} rejected, see the reasons above)" if report.rejected else ""))
         replace_dir(staged, dest)
     except BaseException:
         shutil.rmtree(staged, ignore_errors=True)
         raise
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
     return result
 
 
 def main() -> None:
-    """DVC stage entry point: read params, ingest, record the content hash."""
+    """DVC stage entry point: read params, ingest, record the content hash and every rejected file."""
     from rich.console import Console
 
     from tasks.config import load_params
 
     params = load_params()
+    p = params.ingest
     console = Console(stderr=True)
     try:
-        result = ingest(params.ingest.source, RAW_DIR, sample_size=params.ingest.sample_size)
+        result = ingest(p.source, RAW_DIR, sample_size=p.sample_size, sha256=p.sha256,
+                        caps=Caps(p.max_members, p.max_total_bytes, p.max_compression_ratio))
     except IngestError as exc:
         console.print(f"[red]ingest failed:[/] {exc}")
         raise SystemExit(1) from None
     write_json(RECORD, result.to_dict())
     console.print(
         f"ingest: {result.n_files} files in {len(result.classes)} classes from {result.source} "
-        f"(content {result.content_hash[:12]})"
+        f"({result.kind}, {result.layout} layout; content {result.content_hash[:12]})"
     )
-    for item in result.skipped:
-        console.print(f"[yellow]skipped[/] {item['path']}: {item['reason']}")
+    for item in result.rejected[:20]:
+        console.print(f"[yellow]not ingested[/] {item['path']}: {item['reason']}")
+    if len(result.rejected) > 20:
+        console.print(f"[yellow]... {len(result.rejected) - 20} more[/] (all in {RECORD})")
+    if result.ignored:
+        console.print(f"ingest: {result.ignored} hidden files/folders ignored (e.g. {result.ignored_examples[0]})")
+    for item in result.renamed:
+        console.print(f"[yellow]renamed[/] {item['from']} -> {item['to']}: {item['reason']}")
 
 
 if __name__ == "__main__":

@@ -43,13 +43,26 @@ class Preprocess:
         return cls(size=int(data["size"]), mode=data["mode"], mean=tuple(data["mean"]), std=tuple(data["std"]))
 
 
-def open_image(source: str | Path | bytes) -> "Image.Image":
-    """Open and fully decode an image (first frame), with EXIF orientation applied."""
+# Pixel cap for callers that have no params (serving): the validate stage's default.
+DEFAULT_MAX_PIXELS = 50_000_000
+SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N")
+GRAYSCALE_MODES = ("1", "L", "LA", "I", "F", *SIXTEEN_BIT_MODES)
+
+
+class ImagePolicyError(ValueError):
+    """The image is refused by the policy (e.g. over the pixel cap) before it is decoded."""
+
+
+def open_image(source: str | Path | bytes, *, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> "Image.Image":
+    """Open and fully decode an image (first frame), with EXIF orientation applied; over max_pixels is refused."""
     from PIL import Image, ImageOps
 
     fh = io.BytesIO(source) if isinstance(source, bytes) else open(source, "rb")
     with fh:
         img = Image.open(fh)
+        if max_pixels is not None and img.width * img.height > max_pixels:
+            raise ImagePolicyError(f"{img.width}x{img.height} exceeds the {max_pixels:,}-pixel cap "
+                                   "(refused before decoding)")
         img.seek(0)
         img.load()
         img = ImageOps.exif_transpose(img)
@@ -57,21 +70,38 @@ def open_image(source: str | Path | bytes) -> "Image.Image":
 
 
 def to_mode(img: "Image.Image", mode: Literal["L", "RGB"]) -> "Image.Image":
-    """Convert any PIL mode explicitly: 16/32-bit rescaled (never clipped), alpha composited on white."""
+    """Convert any PIL mode explicitly: 16/32-bit rescaled (never clipped), alpha composited on white,
+    CMYK/YCbCr/RGBX/1-bit through PIL's own conversions."""
     import numpy as np
     from PIL import Image
 
-    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+    if img.mode in (*SIXTEEN_BIT_MODES, "I", "F"):
         arr = np.asarray(img, dtype=np.float64)
         top = 65535.0 if img.mode.startswith("I;16") or arr.max(initial=0) > 255 else 255.0
         img = Image.fromarray(np.rint(arr.clip(0, top) * (255.0 / top)).astype(np.uint8), mode="L")
     if img.mode == "P":
         img = img.convert("RGBA" if "transparency" in img.info else "RGB")
-    if img.mode in ("RGBA", "LA", "PA"):
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
         rgba = img.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         img = Image.alpha_composite(background, rgba).convert("RGB")
     return img.convert(mode) if img.mode != mode else img
+
+
+def policy_notes(img: "Image.Image", *, n_frames: int = 1, orientation: int | None = None) -> list[str]:
+    """What the policy does to this (opened, not yet converted) image, in words, for the manifest."""
+    notes = []
+    if n_frames > 1:
+        notes.append(f"first of {n_frames} frames used")
+    if orientation not in (None, 1):
+        notes.append(f"EXIF orientation {orientation} applied")
+    if img.mode in SIXTEEN_BIT_MODES or img.mode in ("I", "F"):
+        notes.append(f"{img.mode} rescaled to 8-bit (not clipped)")
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        notes.append("transparency composited on white")
+    if img.mode in ("CMYK", "YCbCr", "RGBX"):
+        notes.append(f"{img.mode} converted to RGB")
+    return notes
 
 
 def to_uint8_tensor(img: "Image.Image", spec: Preprocess) -> "torch.Tensor":

@@ -1,74 +1,282 @@
-"""Stage `split`: stratified, seeded train/val/test lists of the accepted images."""
+"""Stage `split`: stratified, seeded, leakage-free train/val/test lists of the accepted images.
+
+Exact duplicates (sha256) and near duplicates (perceptual-hash Hamming distance at most
+split.near_duplicate_distance) are grouped, and a group never straddles splits. Pre-split sources
+(train/ val/ test/) are respected as given; a split they lack is carved from their train/ part."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from tasks.io import sha256_file, write_json, write_text
+from tasks.io import replace_dir, sha256_file, staging_dir, write_json, write_text
 
 if TYPE_CHECKING:
+    import numpy as np
     import pandas as pd
 
 MANIFEST = Path("data/manifest.csv")
 SPLITS_DIR = Path("data/splits")
+SUITE = Path("expectations/splits.json")
 SPLITS = ("train", "val", "test")
+_DTYPES = {"path": str, "label": str, "sha256": str, "phash": str, "split_hint": str}
 
 
 class SplitError(ValueError):
-    """The data cannot be split as asked; the message names the class."""
+    """The data cannot be split as asked; the message names the class or the leaking files."""
 
 
 @dataclass(frozen=True)
 class SplitResult:
     sizes: dict[str, int]
     test_hash: str
+    warnings: list[str] = field(default_factory=list)
+    groups: dict[str, Any] = field(default_factory=dict)
 
 
-def split_frame(accepted: "pd.DataFrame", *, val_fraction: float, test_fraction: float,
-                seed: int) -> dict[str, "pd.DataFrame"]:
-    """Stratified split of (path, label) rows; every class gets at least one image in each split."""
+# --- grouping -----------------------------------------------------------------------------------------
+
+def near_duplicate_pairs(hashes: "np.ndarray", max_distance: int) -> list[tuple[int, int]]:
+    """Index pairs whose 64-bit hashes differ in at most max_distance bits.
+
+    Multi-index hashing: cut the 64 bits into max_distance + 1 chunks; by pigeonhole two hashes that
+    close agree exactly on at least one chunk, so only hashes sharing a chunk value are compared."""
     import numpy as np
-    import pandas as pd
 
-    counts = accepted["label"].value_counts()
-    too_small = counts[counts < 3]
-    if len(too_small):
-        raise SplitError("classes with fewer than 3 images cannot be split into train/val/test: "
-                         + ", ".join(f"{label!r} ({n})" for label, n in too_small.items()))
-    rows = accepted[["path", "label"]].sort_values("path").reset_index(drop=True)
+    hashes = np.asarray(hashes, dtype=np.uint64)
+    n_chunks = min(max_distance + 1, 64)
+    bounds = np.linspace(0, 64, n_chunks + 1).astype(int)
+    pairs: set[tuple[int, int]] = set()
+    for lo, hi in zip(bounds[:-1], bounds[1:]):
+        mask = np.uint64((1 << int(hi - lo)) - 1)
+        keys = (hashes >> np.uint64(lo)) & mask
+        order = np.argsort(keys, kind="stable")
+        sorted_keys = keys[order]
+        starts = np.flatnonzero(np.r_[True, sorted_keys[1:] != sorted_keys[:-1]])
+        ends = np.r_[starts[1:], len(order)]
+        for s, e in zip(starts, ends):
+            if e - s < 2:
+                continue
+            members = np.sort(order[s:e])
+            block = hashes[members]
+            for k in range(len(members) - 1):
+                dist = np.bitwise_count(block[k] ^ block[k + 1:])
+                for j in np.flatnonzero(dist <= max_distance):
+                    pairs.add((int(members[k]), int(members[k + 1 + j])))
+    return sorted(pairs)
+
+
+def group_ids(sha256: list[str], phash: list[str | None], *, max_distance: int | None) -> list[int]:
+    """Connected components of 'same sha256' and 'perceptual hashes within max_distance'; id = smallest index."""
+    import numpy as np
+
+    parent = list(range(len(sha256)))
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    def union(a: int, b: int) -> None:
+        ra, rb = find(a), find(b)
+        if ra != rb:
+            parent[max(ra, rb)] = min(ra, rb)
+
+    first: dict[str, int] = {}
+    for i, digest in enumerate(sha256):
+        if digest in first:
+            union(first[digest], i)
+        else:
+            first[digest] = i
+    if max_distance is not None:
+        valid = [i for i, h in enumerate(phash) if isinstance(h, str) and h]
+        if valid:
+            hashes = np.array([int(phash[i], 16) for i in valid], dtype=np.uint64)
+            for a, b in near_duplicate_pairs(hashes, max_distance):
+                union(valid[a], valid[b])
+    return [find(i) for i in range(len(sha256))]
+
+
+# --- assignment ---------------------------------------------------------------------------------------
+
+def _assign_class(sizes: list[int], names: list[str], fractions: dict[str, float],
+                  rng: "np.random.Generator") -> list[str]:
+    """Split names for one class's groups: stratified targets, groups kept whole, every split non-empty."""
+    n = sum(sizes)
+    ordered = [s for s in ("test", "val", "train") if s in names]
+    target, left = {}, n
+    for i, name in enumerate(ordered[:-1]):  # leave at least one image for each split still to come
+        target[name] = min(max(1, round(n * fractions[name])), left - (len(ordered) - 1 - i))
+        left -= target[name]
+    target["train"] = left
+    order = sorted(rng.permutation(len(sizes)), key=lambda g: -sizes[g])  # big groups first; stable shuffle
+    have = {name: 0 for name in ordered}
+    out = [""] * len(sizes)
+    for g in order:
+        name = max(ordered, key=lambda s: target[s] - have[s])
+        out[g] = name
+        have[name] += sizes[g]
+    for name in ordered:  # a split left empty takes the smallest group of the split with most groups
+        if name not in out:
+            donor = max(ordered, key=lambda s: out.count(s))
+            out[min((g for g in range(len(sizes)) if out[g] == donor), key=lambda g: (sizes[g], g))] = name
+    return out
+
+
+def _group_table(rows: "pd.DataFrame") -> "pd.DataFrame":
+    """One row per group: its majority label, size and member count by label."""
+    table = rows.groupby("group").agg(size=("path", "count"), first=("path", "min"),
+                                      n_labels=("label", "nunique"),
+                                      label=("label", lambda s: sorted(s.value_counts().loc[
+                                          lambda c: c == c.max()].index)[0]))
+    return table.sort_values("first")
+
+
+def _carve(rows: "pd.DataFrame", names: list[str], *, val_fraction: float, test_fraction: float,
+           seed: int) -> "pd.Series":
+    """Assign rows' groups to `names` (train plus val and/or test), stratified by group label."""
+    import numpy as np
+
     rng = np.random.default_rng(seed)
-    parts: dict[str, list[pd.DataFrame]] = {name: [] for name in SPLITS}
-    for label in sorted(rows["label"].unique()):
-        members = rows[rows["label"] == label]
-        members = members.iloc[rng.permutation(len(members))]
-        n = len(members)
-        n_test = min(max(1, round(n * test_fraction)), n - 2)
-        n_val = min(max(1, round(n * val_fraction)), n - n_test - 1)
-        parts["test"].append(members.iloc[:n_test])
-        parts["val"].append(members.iloc[n_test:n_test + n_val])
-        parts["train"].append(members.iloc[n_test + n_val:])
-    return {name: pd.concat(chunks).sort_values("path").reset_index(drop=True) for name, chunks in parts.items()}
+    table = _group_table(rows)
+    counts = table.groupby("label")["size"].agg(["sum", "count"])
+    small = counts[counts["count"] < len(names)]
+    if len(small):
+        raise SplitError(
+            f"classes with fewer than {len(names)} images (near-identical ones counted once) cannot be split into "
+            f"{'/'.join(names)}: " + ", ".join(f"{label!r} ({int(r['sum'])} images in {int(r['count'])} groups)"
+                                              for label, r in small.iterrows())
+            + ". Add images, drop the class, or lower split.near_duplicate_distance.")
+    fractions = {"val": val_fraction, "test": test_fraction}
+    assigned: dict[int, str] = {}
+    for label in sorted(table["label"].unique()):
+        members = table[table["label"] == label]
+        assigned.update(zip(members.index, _assign_class(members["size"].tolist(), names, fractions, rng)))
+    return rows["group"].map(assigned).rename("split")
 
 
-def split(manifest_path: Path, out_dir: Path, *, val_fraction: float, test_fraction: float,
-          seed: int) -> SplitResult:
-    """Read the manifest, split its accepted rows, write one CSV per split plus a summary."""
+def assign_splits(accepted: "pd.DataFrame", *, val_fraction: float, test_fraction: float, seed: int,
+                  near_duplicate_distance: int | None = 4) -> tuple["pd.DataFrame", list[str]]:
+    """Every accepted row with its `group` and `split`; plus warnings. Raises SplitError when impossible."""
+    rows = accepted.copy()
+    for column in ("sha256", "phash", "split_hint"):
+        if column not in rows:
+            rows[column] = rows["path"] if column == "sha256" else ""
+    rows[["phash", "split_hint"]] = rows[["phash", "split_hint"]].fillna("")
+    rows = rows.sort_values("path").reset_index(drop=True)
+    rows["group"] = group_ids(rows["sha256"].tolist(), rows["phash"].tolist(), max_distance=near_duplicate_distance)
+    warnings: list[str] = []
+    hinted = rows["split_hint"].isin(SPLITS)
+    if not hinted.any():
+        rows["split"] = _carve(rows, list(SPLITS), val_fraction=val_fraction, test_fraction=test_fraction,
+                               seed=seed).values
+        return rows, warnings
+    if not hinted.all():
+        raise SplitError("some accepted images have a split folder and some do not: "
+                         + ", ".join(rows.loc[~hinted, "path"].head(5)))
+    rows["split"] = rows["split_hint"]
+    leaks = rows.groupby("group")["split"].nunique()
+    leaks = leaks[leaks > 1]
+    if len(leaks):
+        examples = ["; ".join(f"{p} ({s})" for p, s in zip(g["path"], g["split"]))
+                    for _, g in rows[rows["group"].isin(leaks.index)].groupby("group")][:5]
+        raise SplitError(f"the given splits leak: {len(leaks)} group(s) of identical or near-identical images "
+                         "sit in more than one of train/val/test, e.g. " + " | ".join(examples)
+                         + ". Move or remove those files (or lower split.near_duplicate_distance).")
+    missing = [s for s in ("val", "test") if s not in set(rows["split"])]
+    if missing:
+        pool = rows["split"] == "train"
+        carved = _carve(rows[pool], ["train", *missing], val_fraction=val_fraction, test_fraction=test_fraction,
+                        seed=seed)
+        rows.loc[pool, "split"] = carved.values
+        warnings.append(f"the source has no {' or '.join(missing)} folder: carved from its train/ images")
+    for name in SPLITS:
+        absent = sorted(set(rows["label"]) - set(rows.loc[rows["split"] == name, "label"]))
+        if absent:
+            warnings.append(f"given split {name} has no images of class(es) {absent}")
+    return rows, warnings
+
+
+def split_frame(accepted: "pd.DataFrame", *, val_fraction: float, test_fraction: float, seed: int,
+                near_duplicate_distance: int | None = 4) -> dict[str, "pd.DataFrame"]:
+    """Stratified, grouped split of (path, label) rows; every class gets at least one image in each split."""
+    rows, _ = assign_splits(accepted, val_fraction=val_fraction, test_fraction=test_fraction, seed=seed,
+                            near_duplicate_distance=near_duplicate_distance)
+    return {name: rows.loc[rows["split"] == name, ["path", "label"]].sort_values("path").reset_index(drop=True)
+            for name in SPLITS}
+
+
+def leakage_frame(rows: "pd.DataFrame") -> "pd.DataFrame":
+    """Assigned rows plus the derived columns the splits suite checks."""
+    frame = rows[["path", "label", "split", "sha256", "group"]].copy()
+    frame["sha256_splits"] = frame.groupby("sha256")["split"].transform("nunique")
+    frame["group_splits"] = frame.groupby("group")["split"].transform("nunique")
+    frame["class_splits"] = frame.groupby("label")["split"].transform("nunique")
+    return frame.reset_index(drop=True)
+
+
+def group_summary(rows: "pd.DataFrame") -> dict[str, Any]:
+    """How many images the duplicate grouping tied together."""
+    sizes = rows.groupby("group")["path"].transform("count")
+    multi = rows[sizes > 1]
+    exact = rows[rows.duplicated("sha256", keep=False)]
+    mixed = multi.groupby("group")["label"].nunique()
+    return {"n_groups": int(rows["group"].nunique()), "grouped_groups": int(multi["group"].nunique()),
+            "grouped_images": int(len(multi)), "largest_group": int(sizes.max()) if len(rows) else 0,
+            "exact_duplicate_images": int(len(exact)),
+            "groups_with_several_labels": int((mixed > 1).sum())}
+
+
+def split(manifest_path: Path, out_dir: Path, *, val_fraction: float, test_fraction: float, seed: int,
+          near_duplicate_distance: int | None = 4, suite_path: Path | None = SUITE) -> SplitResult:
+    """Read the manifest, split its accepted rows, check for leakage, write one CSV per split plus a summary."""
     import pandas as pd
 
-    manifest = pd.read_csv(manifest_path, dtype={"label": str})
-    accepted = manifest[manifest["accepted"].astype(bool)]
-    parts = split_frame(accepted, val_fraction=val_fraction, test_fraction=test_fraction, seed=seed)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for name, part in parts.items():
-        write_text(out_dir / f"{name}.csv", part.to_csv(index=False))
-    sizes = {name: len(part) for name, part in parts.items()}
-    result = SplitResult(sizes=sizes, test_hash=sha256_file(out_dir / "test.csv"))
-    per_class = {name: part["label"].value_counts().sort_index().to_dict() for name, part in parts.items()}
-    write_json(out_dir / "summary.json", {"sizes": sizes, "per_class": per_class, "test_hash": result.test_hash,
-                                          "seed": seed})
-    return result
+    from tasks.contract import load_suite, run_suite
+
+    manifest = pd.read_csv(manifest_path, dtype={k: v for k, v in _DTYPES.items()}, keep_default_na=False,
+                           na_values={"accepted": [""]})
+    accepted = manifest[manifest["accepted"].astype(str).str.lower().isin(["true", "1"])]
+    rows, warnings = assign_splits(accepted, val_fraction=val_fraction, test_fraction=test_fraction, seed=seed,
+                                   near_duplicate_distance=near_duplicate_distance)
+    checks: list[dict[str, Any]] = []
+    if suite_path is not None:
+        presplit = rows["split_hint"].isin(SPLITS).any()
+        result = run_suite(leakage_frame(rows), load_suite(suite_path),
+                           {"min_splits_per_class": 1 if presplit else 3}, name="splits")
+        checks = [{"expectation": c.expectation, "column": c.column, "success": c.success, "detail": c.detail,
+                   "examples": c.examples} for c in result.checks]
+        if not result.success:
+            lines = [f"{c.detail}: e.g. {', '.join(c.examples)}" for c in result.failures]
+            raise SplitError("split contract failed: " + " | ".join(lines))
+    staged = staging_dir(out_dir)
+    try:
+        sizes = {}
+        per_class = {}
+        for name in SPLITS:
+            part = rows.loc[rows["split"] == name, ["path", "label"]].sort_values("path")
+            write_text(staged / f"{name}.csv", part.to_csv(index=False))
+            sizes[name] = len(part)
+            per_class[name] = part["label"].value_counts().sort_index().to_dict()
+        grouped = rows[rows.groupby("group")["path"].transform("count") > 1]
+        write_text(staged / "groups.csv", grouped[["path", "label", "group", "split", "sha256", "phash"]]
+                   .sort_values(["group", "path"]).to_csv(index=False))
+        groups = group_summary(rows)
+        result_ = SplitResult(sizes=sizes, test_hash=sha256_file(staged / "test.csv"), warnings=warnings,
+                              groups=groups)
+        write_json(staged / "summary.json", {
+            "sizes": sizes, "per_class": per_class, "test_hash": result_.test_hash, "seed": seed,
+            "near_duplicate_distance": near_duplicate_distance, "groups": groups, "warnings": warnings,
+            "leakage_checks": checks})
+        replace_dir(staged, out_dir)
+    except BaseException:
+        import shutil
+
+        shutil.rmtree(staged, ignore_errors=True)
+        raise
+    return result_
 
 
 def main() -> None:
@@ -81,11 +289,17 @@ def main() -> None:
     console = Console(stderr=True)
     try:
         result = split(MANIFEST, SPLITS_DIR, val_fraction=params.split.val_fraction,
-                       test_fraction=params.split.test_fraction, seed=params.base.seed)
+                       test_fraction=params.split.test_fraction, seed=params.base.seed,
+                       near_duplicate_distance=params.split.near_duplicate_distance)
     except SplitError as exc:
         console.print(f"[red]split failed:[/] {exc}")
         raise SystemExit(1) from None
-    console.print("split: " + ", ".join(f"{k} {v}" for k, v in result.sizes.items()))
+    for warning in result.warnings:
+        console.print(f"[yellow]warning:[/] {warning}")
+    g = result.groups
+    console.print("split: " + ", ".join(f"{k} {v}" for k, v in result.sizes.items())
+                  + f"; {g['grouped_images']} images in {g['grouped_groups']} duplicate/near-duplicate groups "
+                  f"kept within one split")
 
 
 if __name__ == "__main__":

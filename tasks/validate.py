@@ -1,156 +1,244 @@
-"""Stage `validate`: a manifest of per-image facts, checked against the Great Expectations contract."""
+"""Stage `validate`: a manifest of per-image facts, the quarantine list, and the Great Expectations contract.
+
+Every file ingest found becomes one manifest row, accepted or not with its reason; nothing is deleted, and
+discovered == accepted + quarantined is checked on every run. The per-file inspection (sha256, full decode,
+perceptual hash) runs in a process pool when there are many files."""
 
 from __future__ import annotations
 
+import io
 import json
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+import os
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING, Any, Iterable
 
-from tasks.io import sha256_file, write_json, write_text
+from tasks.contract import Check, ContractResult, load_suite, run_suite
+from tasks.io import write_json, write_text
 
 if TYPE_CHECKING:
     import pandas as pd
 
+__all__ = ["Check", "ContractResult", "build_manifest", "contract_frame", "dataset_mode", "inspect_image",
+           "load_suite", "run_contract", "validate"]
+
 RAW_DIR = Path("data/raw")
+INGEST_RECORD = Path("data/ingest.json")
 MANIFEST = Path("data/manifest.csv")
 REPORT_DIR = Path("reports/validation")
 SUITE = Path("expectations/manifest.json")
 MAX_PIXELS = 50_000_000
 MANIFEST_COLUMNS = [
-    "path", "label", "bytes", "sha256", "format", "mode", "width", "height",
-    "n_frames", "decodable", "accepted", "reason",
+    "path", "label", "split_hint", "bytes", "sha256", "phash", "format", "mode", "width", "height",
+    "n_frames", "exif_orientation", "decodable", "accepted", "reason", "note",
 ]
+MANIFEST_DTYPES = {"path": str, "label": str, "split_hint": str, "sha256": str, "phash": str, "format": str,
+                   "mode": str, "reason": str, "note": str}
+POOL_MIN_FILES = 4000          # below this a process pool costs more than it saves
+_FORMAT_EXTENSIONS = {"PNG": {".png"}, "JPEG": {".jpg", ".jpeg", ".jpe", ".jfif"}, "GIF": {".gif"},
+                      "BMP": {".bmp", ".dib"}, "TIFF": {".tif", ".tiff"}, "WEBP": {".webp"}, "PPM": {".ppm", ".pgm",
+                      ".pbm", ".pnm"}, "ICO": {".ico"}}
 
 
-@dataclass(frozen=True)
-class Check:
-    expectation: str
-    column: str | None
-    success: bool
-    detail: str
-    examples: list[str] = field(default_factory=list)
+def inspect_bytes(data: bytes, *, max_pixels: int = MAX_PIXELS, suffix: str = "") -> dict[str, Any]:
+    """Facts about one file's bytes under the image policy; never raises for a bad image."""
+    import imagehash
+    from PIL import Image, ImageOps, UnidentifiedImageError
 
+    from tasks.config import SUPPORTED_MODES
+    from tasks.preprocess import policy_notes, to_mode
 
-@dataclass(frozen=True)
-class ContractResult:
-    success: bool
-    checks: list[Check]
-
-    @property
-    def failures(self) -> list[Check]:
-        return [c for c in self.checks if not c.success]
-
-
-def inspect_image(path: Path, *, max_pixels: int = MAX_PIXELS) -> dict[str, Any]:
-    """Facts about one file; a full decode decides `decodable`. Never raises for a bad image."""
-    from PIL import Image
-
-    facts: dict[str, Any] = {"format": None, "mode": None, "width": None, "height": None,
-                             "n_frames": None, "decodable": False, "reason": ""}
+    facts: dict[str, Any] = {"format": None, "mode": None, "width": None, "height": None, "n_frames": None,
+                             "exif_orientation": None, "phash": None, "decodable": False, "reason": "", "note": ""}
+    if not data:
+        facts["reason"] = "empty file (0 bytes)"
+        return facts
     try:
-        with Image.open(path) as img:
-            facts.update(format=img.format, mode=img.mode, width=img.width, height=img.height,
-                         n_frames=getattr(img, "n_frames", 1))
-            if img.width * img.height > max_pixels:
-                facts["reason"] = f"{img.width}x{img.height} exceeds the {max_pixels:,}-pixel cap"
-                return facts
-            img.load()
-        facts["decodable"] = True
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with Image.open(io.BytesIO(data)) as img:
+                n_frames = int(getattr(img, "n_frames", 1))
+                facts.update(format=img.format, mode=img.mode, width=img.width, height=img.height, n_frames=n_frames)
+                if img.width * img.height > max_pixels:
+                    facts["reason"] = (f"{img.width}x{img.height} = {img.width * img.height:,} pixels exceeds the "
+                                       f"{max_pixels:,}-pixel cap (validate.max_pixels); not decoded")
+                    return facts
+                if img.mode not in SUPPORTED_MODES:
+                    facts["reason"] = f"mode {img.mode} is not supported by the image policy"
+                    return facts
+                try:
+                    orientation = img.getexif().get(0x0112)
+                except Exception:  # a broken EXIF block is not a broken image
+                    orientation = None
+                facts["exif_orientation"] = int(orientation) if isinstance(orientation, int) else None
+                img.seek(0)
+                img.load()  # the full decode: a truncated file fails here, not at open()
+                notes = policy_notes(img, n_frames=n_frames, orientation=facts["exif_orientation"])
+                shown = ImageOps.exif_transpose(img)
+                facts.update(width=shown.width, height=shown.height)
+                facts["phash"] = str(imagehash.phash(to_mode(shown, "L")))
     except Image.DecompressionBombError as exc:
         facts["reason"] = f"decompression bomb: {exc}"
+        return facts
+    except UnidentifiedImageError:
+        facts["reason"] = "not an image: no decoder recognises the content (text, or an unsupported format?)"
+        return facts
     except Exception as exc:  # any decoder error means "not an image we can use"
         facts["reason"] = f"cannot decode: {type(exc).__name__}: {exc}"
+        return facts
+    expected = _FORMAT_EXTENSIONS.get(facts["format"] or "")
+    if suffix and expected and suffix.lower() not in expected:
+        notes.append(f"extension {suffix} but the content is {facts['format']}")
+    facts["decodable"] = True
+    facts["note"] = "; ".join(notes)
     return facts
 
 
-def build_manifest(raw_dir: Path, *, max_pixels: int = MAX_PIXELS) -> "pd.DataFrame":
-    """One row per file under raw_dir/<label>/, accepted or not with the reason."""
-    import pandas as pd
+def inspect_image(path: Path, *, max_pixels: int = MAX_PIXELS) -> dict[str, Any]:
+    """Facts about one file, including its size and sha256; a full decode decides `decodable`."""
+    import hashlib
+
+    data = Path(path).read_bytes()
+    facts = inspect_bytes(data, max_pixels=max_pixels, suffix=Path(path).suffix)
+    return {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(), **facts}
+
+
+def _inspect_many(paths: list[str], max_pixels: int) -> list[dict[str, Any]]:
+    """Worker: inspect a chunk of files (top-level so a process pool can pickle it)."""
     from PIL import Image
 
-    Image.MAX_IMAGE_PIXELS = max_pixels
-    rows = []
+    Image.MAX_IMAGE_PIXELS = max(max_pixels, Image.MAX_IMAGE_PIXELS or 0)
+    return [inspect_image(Path(p), max_pixels=max_pixels) for p in paths]
+
+
+def inspect_all(paths: list[Path], *, max_pixels: int = MAX_PIXELS, workers: int | None = None) -> list[dict[str, Any]]:
+    """inspect_image over many files, in a process pool when that pays off; order is preserved."""
+    names = [str(p) for p in paths]
+    workers = workers if workers is not None else min(os.cpu_count() or 1, 8)
+    if workers <= 1 or len(names) < POOL_MIN_FILES:
+        return _inspect_many(names, max_pixels)
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    size = max(64, len(names) // (workers * 8))
+    chunks = [names[i:i + size] for i in range(0, len(names), size)]
+    # spawn: the pool must not inherit locks from threads of whatever imported us (Prefect, torch, GX)
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return [facts for chunk in pool.map(_inspect_many, chunks, [max_pixels] * len(chunks)) for facts in chunk]
+
+
+def discover(raw_dir: Path, *, layout: str = "classes") -> list[tuple[Path, str, str, str]]:
+    """(file, relative path, label, split hint) for every file under raw_dir in the given layout."""
+    depth = 2 if layout == "presplit" else 1
+    out = []
     for path in sorted(p for p in raw_dir.rglob("*") if p.is_file()):
-        rel = path.relative_to(raw_dir)
-        facts = inspect_image(path, max_pixels=max_pixels)
-        rows.append({
-            "path": rel.as_posix(), "label": rel.parts[0], "bytes": path.stat().st_size,
-            "sha256": sha256_file(path), **facts, "accepted": facts["decodable"],
-        })
+        parts = path.relative_to(raw_dir).parts
+        rel = PurePosixPath(*parts).as_posix()
+        if len(parts) <= depth:
+            out.append((path, rel, "", parts[0] if depth == 2 and len(parts) == 2 else ""))
+        else:
+            out.append((path, rel, parts[depth - 1], parts[0] if depth == 2 else ""))
+    return out
+
+
+def _label_conflicts(frame: "pd.DataFrame") -> dict[int, str]:
+    """Row index -> reason, for identical bytes filed under more than one label."""
+    ok = frame[frame["accepted"]]
+    n_labels = ok.groupby("sha256")["label"].transform("nunique")
+    reasons: dict[int, str] = {}
+    for _, group in ok[n_labels > 1].groupby("sha256"):
+        for i, row in group.iterrows():
+            others = [f"{p} ({lab})" for p, lab in zip(group["path"], group["label"]) if p != row["path"]]
+            reasons[i] = "label conflict: identical to " + ", ".join(others[:3])
+    return reasons
+
+
+def build_manifest(raw_dir: Path, *, max_pixels: int = MAX_PIXELS, layout: str = "classes",
+                   not_ingested: Iterable[dict[str, str]] = (), workers: int | None = None) -> "pd.DataFrame":
+    """One row per discovered file (plus those ingest refused), accepted or not with the reason."""
+    import pandas as pd
+
+    found = discover(raw_dir, layout=layout)
+    facts = inspect_all([f[0] for f in found], max_pixels=max_pixels, workers=workers)
+    rows = []
+    for (_, rel, label, hint), fact in zip(found, facts):
+        row = {"path": rel, "label": label, "split_hint": hint, **fact}
+        if not label and row["decodable"]:
+            row["reason"] = "not in a class folder"
+        row["accepted"] = bool(row["decodable"]) and not row["reason"]
+        rows.append(row)
+    for item in not_ingested:
+        rows.append({"path": item["path"], "label": item.get("label", ""), "split_hint": "", "decodable": False,
+                     "accepted": False, "reason": f"not ingested: {item['reason']}", "note": ""})
     frame = pd.DataFrame(rows, columns=MANIFEST_COLUMNS)
-    return frame.astype({"accepted": bool, "decodable": bool})
+    frame = frame.astype({"accepted": bool, "decodable": bool, "bytes": "Int64", "width": "Int64",
+                          "height": "Int64", "n_frames": "Int64", "exif_orientation": "Int64"})
+    for i, reason in _label_conflicts(frame).items():
+        frame.loc[i, ["accepted", "reason"]] = [False, reason]
+    frame[["reason", "note", "split_hint"]] = frame[["reason", "note", "split_hint"]].fillna("")
+    return frame
 
 
 def dataset_mode(manifest: "pd.DataFrame") -> str:
     """'L' when every accepted image is grayscale, else 'RGB'."""
-    modes = set(manifest.loc[manifest["accepted"], "mode"].dropna())
-    return "L" if modes and modes <= {"1", "L", "I;16", "I;16B", "I;16L", "I", "F", "LA"} else "RGB"
+    from tasks.preprocess import GRAYSCALE_MODES
+
+    accepted = manifest["accepted"].astype(str).str.lower().isin(["true", "1"]) \
+        if manifest["accepted"].dtype != bool else manifest["accepted"]
+    modes = set(manifest.loc[accepted, "mode"].dropna())
+    return "L" if modes and modes <= set(GRAYSCALE_MODES) else "RGB"
 
 
 def contract_frame(manifest: "pd.DataFrame") -> "pd.DataFrame":
-    """The accepted rows plus derived columns the suite checks."""
+    """The accepted rows plus derived columns the suite checks (class size, imbalance, rejected share)."""
     accepted = manifest[manifest["accepted"]].copy()
     accepted["class_count"] = accepted.groupby("label")["path"].transform("count")
+    largest = accepted["class_count"].max() if len(accepted) else 0
+    accepted["class_imbalance"] = largest / accepted["class_count"]
+    accepted["rejected_share"] = float((~manifest["accepted"]).sum()) / max(len(manifest), 1)
     return accepted.reset_index(drop=True)
 
 
-def load_suite(path: Path) -> dict:
-    """The committed suite as plain JSON."""
-    return json.loads(Path(path).read_text())
+def run_contract(frame: "pd.DataFrame", suite_json: dict, parameters: dict[str, Any], *,
+                 docs_dir: Path | None = None) -> ContractResult:
+    """The manifest suite on the accepted rows (see tasks.contract.run_suite)."""
+    return run_suite(frame, suite_json, parameters, name="manifest", docs_dir=docs_dir)
 
 
-def run_contract(frame: "pd.DataFrame", suite_json: dict, parameters: dict[str, Any]) -> ContractResult:
-    """Validate frame with the suite in an ephemeral GX context; one Check per expectation."""
-    import great_expectations as gx
-    from great_expectations.data_context.types.base import ProgressBarsConfig
-
-    context = gx.get_context(mode="ephemeral")
-    context.variables.progress_bars = ProgressBarsConfig(globally=False)
-    suite_data = {k: v for k, v in suite_json.items() if k != "id"}
-    suite_data["expectations"] = [{k: v for k, v in e.items() if k != "id"} for e in suite_data["expectations"]]
-    suite = context.suites.add(gx.ExpectationSuite(**suite_data))
-    asset = context.data_sources.add_pandas("imgclf").add_dataframe_asset("manifest")
-    batch = asset.add_batch_definition_whole_dataframe("accepted")
-    definition = gx.ValidationDefinition(name="manifest", data=batch, suite=suite)
-    result = definition.run(batch_parameters={"dataframe": frame}, expectation_parameters=parameters,
-                            result_format="COMPLETE")
-    checks = []
-    for res in result.results:
-        config = res.expectation_config
-        column = config.kwargs.get("column")
-        details = res.result or {}
-        examples: list[str] = []
-        if not res.success and "unexpected_index_list" in details and column is not None:
-            idx = [i for i in (details.get("unexpected_index_list") or [])[:5] if isinstance(i, int)]
-            examples = [f"{frame.loc[i, 'path']} ({column}={frame.loc[i, column]})" for i in idx]
-        detail = _describe(config.type, config.kwargs, details)
-        checks.append(Check(config.type, column, bool(res.success), detail, examples))
-    return ContractResult(success=bool(result.success), checks=checks)
+def contract_parameters(found: list[str], *, labels: list[str] | None, min_images_per_class: int, min_side: int,
+                        max_side: int, allowed_modes: list[str], max_class_imbalance: float,
+                        max_rejected_share: float, max_duplicate_share: float) -> dict[str, Any]:
+    """The suite's $PARAMETER values, from the validate section of params.yaml."""
+    return {"labels": list(labels) if labels else found, "min_images_per_class": min_images_per_class,
+            "min_side": min_side, "max_side": max_side, "allowed_modes": list(allowed_modes),
+            "max_class_imbalance": float(max_class_imbalance), "max_rejected_share": float(max_rejected_share),
+            "unique_sha256_mostly": 1.0 - float(max_duplicate_share)}
 
 
-def _describe(kind: str, kwargs: dict, details: dict) -> str:
-    shown = {k: v for k, v in kwargs.items() if k not in ("batch_id", "column")}
-    if "unexpected_count" in details:
-        return f"{kind} {shown}: {details['unexpected_count']} unexpected"
-    if "observed_value" in details:
-        return f"{kind} {shown}: observed {details['observed_value']}"
-    return f"{kind} {shown}"
-
-
-def summary_markdown(*, discovered: int, accepted: int, contract: ContractResult) -> str:
+def summary_markdown(*, discovered: int, accepted: int, contract: ContractResult,
+                     quarantine: "pd.DataFrame | None" = None, notes: dict[str, int] | None = None) -> str:
     """A human-readable validation report."""
     lines = [
         f"# Data validation: {'PASSED' if contract.success else 'FAILED'}", "",
         f"- discovered: {discovered}", f"- accepted: {accepted}",
-        f"- quarantined: {discovered - accepted} (see quarantine.csv)", "",
-        "| expectation | column | result | detail |", "|---|---|---|---|",
+        f"- quarantined: {discovered - accepted} (see quarantine.csv; nothing was deleted)",
     ]
+    if contract.data_docs:
+        lines.append(f"- Great Expectations Data Docs: {contract.data_docs}")
+    lines += ["", "| expectation | column | result | detail |", "|---|---|---|---|"]
     for c in contract.checks:
         lines.append(f"| {c.expectation} | {c.column or ''} | {'pass' if c.success else 'FAIL'} | {c.detail} |")
     for c in contract.failures:
         if c.examples:
             lines += ["", f"Examples failing {c.expectation} ({c.column}):"] + [f"- {e}" for e in c.examples]
+    if quarantine is not None and len(quarantine):
+        reasons = quarantine["reason"].str.split(":").str[0].value_counts()
+        lines += ["", "## Quarantined, by reason", ""] + [f"- {r}: {n}" for r, n in reasons.items()]
+        lines += ["", "First quarantined files:", ""] + [
+            f"- {p}: {r}" for p, r in zip(quarantine["path"][:20], quarantine["reason"][:20])]
+    if notes:
+        lines += ["", "## Image policy applied to accepted files", ""] + [f"- {k}: {v}" for k, v in notes.items()]
     return "\n".join(lines) + "\n"
 
 
@@ -163,18 +251,41 @@ class ValidationOutcome:
     contract: ContractResult
 
 
+def _note_counts(manifest: "pd.DataFrame") -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for note in manifest.loc[manifest["accepted"], "note"]:
+        for part in filter(None, (n.strip() for n in str(note).split(";"))):
+            key = part.split(" but ")[0] if part.startswith("extension") else part
+            key = "first frame of a multi-frame file used" if key.startswith("first of") else key
+            counts[key] = counts.get(key, 0) + 1
+    return dict(sorted(counts.items()))
+
+
 def validate(raw_dir: Path, *, suite_path: Path, labels: list[str] | None, min_images_per_class: int,
-             manifest_path: Path = MANIFEST, report_dir: Path = REPORT_DIR) -> ValidationOutcome:
+             manifest_path: Path = MANIFEST, report_dir: Path = REPORT_DIR, layout: str = "classes",
+             not_ingested: Iterable[dict[str, str]] = (), max_pixels: int = MAX_PIXELS, min_side: int = 1,
+             max_side: int = 1_000_000, allowed_modes: list[str] | None = None, max_class_imbalance: float = 1e9,
+             max_rejected_share: float = 1.0, max_duplicate_share: float = 0.0, workers: int | None = None,
+             data_docs: bool = True) -> ValidationOutcome:
     """Build the manifest, write it and the quarantine list, run the contract, write the reports."""
-    manifest = build_manifest(raw_dir)
+    from tasks.config import SUPPORTED_MODES
+
+    manifest = build_manifest(raw_dir, max_pixels=max_pixels, layout=layout, not_ingested=not_ingested,
+                              workers=workers)
     frame = contract_frame(manifest)
     quarantined = manifest[~manifest["accepted"]]
     if len(frame) + len(quarantined) != len(manifest):  # nothing may go missing between the two lists
         raise AssertionError("discovered != accepted + quarantined")
     found = sorted(frame["label"].unique().tolist())
-    parameters = {"labels": list(labels) if labels else found, "min_images_per_class": min_images_per_class}
-    contract = run_contract(frame, load_suite(suite_path), parameters)
+    parameters = contract_parameters(
+        found, labels=labels, min_images_per_class=min_images_per_class, min_side=min_side, max_side=max_side,
+        allowed_modes=allowed_modes or list(SUPPORTED_MODES), max_class_imbalance=max_class_imbalance,
+        max_rejected_share=max_rejected_share, max_duplicate_share=max_duplicate_share)
+    report_dir.mkdir(parents=True, exist_ok=True)
+    docs_dir = report_dir / "data_docs" if data_docs else None
+    contract = run_contract(frame, load_suite(suite_path), parameters, docs_dir=docs_dir)
     mode = dataset_mode(manifest)
+    notes = _note_counts(manifest)
 
     manifest_path.parent.mkdir(parents=True, exist_ok=True)
     write_text(manifest_path, manifest.to_csv(index=False))
@@ -183,10 +294,12 @@ def validate(raw_dir: Path, *, suite_path: Path, labels: list[str] | None, min_i
     write_json(report_dir / "summary.json", {
         "success": contract.success, "discovered": outcome.discovered, "accepted": outcome.accepted,
         "quarantined": outcome.quarantined, "mode": mode, "labels": found, "parameters": parameters,
+        "policy_notes": notes, "data_docs": contract.data_docs,
         "checks": [asdict(c) for c in contract.checks],
     })
     write_text(report_dir / "summary.md",
-               summary_markdown(discovered=outcome.discovered, accepted=outcome.accepted, contract=contract))
+               summary_markdown(discovered=outcome.discovered, accepted=outcome.accepted, contract=contract,
+                                quarantine=quarantined, notes=notes))
     return outcome
 
 
@@ -197,20 +310,29 @@ def main() -> None:
     from tasks.config import load_params
 
     params = load_params()
+    v = params.validate_
     console = Console(stderr=True)
-    outcome = validate(RAW_DIR, suite_path=SUITE, labels=params.validate_.labels,
-                       min_images_per_class=params.validate_.min_images_per_class)
+    record = json.loads(INGEST_RECORD.read_text()) if INGEST_RECORD.is_file() else {}
+    outcome = validate(RAW_DIR, suite_path=SUITE, labels=v.labels, min_images_per_class=v.min_images_per_class,
+                       layout=record.get("layout", "classes"), not_ingested=record.get("rejected", []),
+                       max_pixels=v.max_pixels, min_side=v.min_side, max_side=v.max_side,
+                       allowed_modes=list(v.allowed_modes), max_class_imbalance=v.max_class_imbalance,
+                       max_rejected_share=v.max_rejected_share, max_duplicate_share=v.max_duplicate_share)
     console.print(f"validate: {outcome.accepted}/{outcome.discovered} accepted, "
                   f"{outcome.quarantined} quarantined ({REPORT_DIR / 'quarantine.csv'})")
+    if outcome.contract.data_docs:
+        console.print(f"validate: Data Docs at {outcome.contract.data_docs}")
     if not outcome.contract.success:
         console.print("[red]Data contract FAILED[/] — training will not start. Failing expectations:")
         for check in outcome.contract.failures:
-            console.print(f"  - {check.detail}")
+            console.print(f"  - {check.detail}" + (f"  ({check.why})" if check.why else ""))
             for example in check.examples:
                 console.print(f"      e.g. {example}")
         console.print(f"Full report: {REPORT_DIR / 'summary.md'}")
         raise SystemExit(1)
-    console.print("validate: data contract passed")
+    console.print("validate: data contract passed"
+                  + (f"; {outcome.quarantined} file(s) quarantined, training proceeds without them"
+                     if outcome.quarantined else ""))
 
 
 if __name__ == "__main__":

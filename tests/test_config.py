@@ -262,3 +262,33 @@ def test_write_overrides_rejects_invalid_values_without_touching_the_file(params
     with pytest.raises(ParamsError, match="train.nope"):
         write_overrides(params_copy, {"train.nope": 1})
     assert params_copy.read_bytes() == original
+
+
+# --- data params ---------------------------------------------------------------------------------------
+
+def test_csv_source_needs_a_watch_folder_holding_it():
+    with pytest.raises(ParamsError, match="set ingest.watch: data/flat"):
+        load_params(REPO_PARAMS, {"ingest.source": "data/flat/labels.csv", "ingest.watch": "data/flat/labels.csv"})
+    params = load_params(REPO_PARAMS, {"ingest.source": "data/flat/labels.csv", "ingest.watch": "data/flat"})
+    assert params.ingest.watch == "data/flat"
+
+
+def test_data_thresholds_are_validated():
+    with pytest.raises(ParamsError, match="min_side"):
+        load_params(REPO_PARAMS, {"validate.min_side": 100, "validate.max_side": 50})
+    with pytest.raises(ParamsError, match="allowed_modes"):
+        load_params(REPO_PARAMS, {"validate.allowed_modes": ["RGB", "LAB"]})
+    with pytest.raises(ParamsError, match="validate.max_rejected_share"):
+        load_params(REPO_PARAMS, {"validate.max_rejected_share": 1.5})
+    with pytest.raises(ParamsError, match="split.near_duplicate_distance"):
+        load_params(REPO_PARAMS, {"split.near_duplicate_distance": -1})
+    with pytest.raises(ParamsError, match="ingest.sha256"):
+        load_params(REPO_PARAMS, {"ingest.source": "https://example.com/a.zip", "ingest.sha256": "abc"})
+
+
+def test_dvc_stages_declare_the_params_they_read():
+    dvc = yaml.safe_load((REPO_PARAMS.parent / "dvc.yaml").read_text())["stages"]
+    assert dvc["ingest"]["params"] == ["ingest"]
+    assert dvc["validate"]["params"] == ["validate"]
+    assert dvc["split"]["params"] == ["base.seed", "split"]
+    assert "data/ingest.json" in dvc["validate"]["deps"] and "expectations/splits.json" in dvc["split"]["deps"]

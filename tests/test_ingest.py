@@ -29,7 +29,7 @@ def test_sample_digits_is_1797_grayscale_pngs_in_10_classes_and_deterministic(tm
     assert first.n_files == 1797
     assert sorted(first.classes) == [str(d) for d in range(10)]
     assert sum(first.classes.values()) == 1797
-    assert first.skipped == []
+    assert first.rejected == []
 
     files = sorted((tmp_path / "a").rglob("*.png"))
     assert len(files) == 1797
@@ -67,7 +67,7 @@ def test_folder_source_copies_class_folders(image_folder, tmp_path):
     result = ingest(str(image_folder), dest)
     assert result.classes == {"cat": 12, "dog": 12, "fish": 12}
     assert result.n_files == 36
-    assert result.skipped == []
+    assert result.rejected == []
     assert _snapshot(dest) == _snapshot(image_folder)
     assert result.source == str(image_folder)
 
@@ -152,7 +152,7 @@ def test_files_at_the_source_root_are_skipped_with_a_reason(image_folder, tmp_pa
     (image_folder / "README.txt").write_text("my photos")
     (image_folder / "stray.png").write_bytes((image_folder / "cat" / "img_00.png").read_bytes())
     result = ingest(str(image_folder), tmp_path / "raw")
-    skipped = {item["path"]: item["reason"] for item in result.skipped}
+    skipped = {item["path"]: item["reason"] for item in result.rejected}
     assert set(skipped) == {"README.txt", "stray.png"}
     assert all("root" in reason for reason in skipped.values())
     assert result.n_files == 36
@@ -169,7 +169,7 @@ def test_symlinked_file_resolving_outside_the_source_is_skipped_with_a_reason(im
 
     dest = tmp_path / "raw"
     result = ingest(str(image_folder), dest)
-    assert result.skipped == [{"path": "cat/link.png", "reason": "symlink resolves outside the source"}]
+    assert result.rejected == [{"path": "cat/link.png", "label": "cat", "reason": "symlink resolves outside the source"}]
     assert not (dest / "cat" / "link.png").exists()
     assert result.classes == {"cat": 12, "dog": 13, "fish": 12}
     copied = dest / "dog" / "inner.png"
@@ -187,7 +187,7 @@ def test_symlinked_class_folder_outside_the_source_is_reported(image_folder, tmp
 
     result = ingest(str(image_folder), tmp_path / "raw")
     assert "bird" not in result.classes  # not followed outside the source ...
-    assert any(item["path"].split("/")[0] == "bird" for item in result.skipped), result.skipped  # ... but reported
+    assert any(item["path"].split("/")[0] == "bird" for item in result.rejected), result.rejected  # ... but reported
 
 
 # --- failures leave dest untouched --------------------------------------------------------------------
@@ -238,3 +238,276 @@ def test_empty_source_raises_and_leaves_dest_untouched(tmp_path, existing_dest, 
         ingest(str(src), existing_dest)
     assert _snapshot(existing_dest) == before
     assert _leftovers(tmp_path, "raw") == []
+
+
+# --- pre-split folders -------------------------------------------------------------------------------
+
+def _presplit(root: Path, names=("train", "valid", "test"), per_class=4) -> Path:
+    from tests.conftest import write_image_folder
+
+    for k, name in enumerate(names):
+        write_image_folder(root / name, classes=("cat", "dog"), per_class=per_class, seed=k + 1)
+    return root
+
+
+def test_presplit_folder_is_kept_as_given_with_canonical_split_names(tmp_path):
+    src = _presplit(tmp_path / "src")
+    (src / "train" / "stray.png").write_bytes((src / "train" / "cat" / "img_00.png").read_bytes())
+    result = ingest(str(src), tmp_path / "raw")
+    assert result.layout == "presplit"
+    assert result.splits == {"test": 8, "train": 8, "val": 8}
+    assert result.classes == {"cat": 12, "dog": 12}
+    assert sorted(p.name for p in (tmp_path / "raw").iterdir()) == ["test", "train", "val"]
+    assert (tmp_path / "raw" / "val" / "dog" / "img_03.png").read_bytes() == (src / "valid" / "dog" / "img_03.png").read_bytes()
+    assert result.rejected == [{"path": "train/stray.png", "label": "",
+                                "reason": "file directly in train/ belongs to no class folder"}]
+
+
+def test_two_folders_for_the_same_split_are_an_error(tmp_path, existing_dest):
+    src = _presplit(tmp_path / "src", names=("train", "val", "validation"))
+    before = _snapshot(existing_dest)
+    with pytest.raises(IngestError, match="same split"):
+        ingest(str(src), existing_dest)
+    assert _snapshot(existing_dest) == before
+
+
+def test_a_class_named_test_beside_other_classes_is_just_a_class(make_image_folder, tmp_path):
+    src = make_image_folder("src", classes=("test", "cat"), per_class=3)
+    result = ingest(str(src), tmp_path / "raw")
+    assert result.layout == "classes" and result.classes == {"cat": 3, "test": 3}
+
+
+# --- archives ------------------------------------------------------------------------------------------
+
+def _zip_folder(folder: Path, archive: Path, *, prefix: str = "") -> Path:
+    import zipfile
+
+    with zipfile.ZipFile(archive, "w") as zf:
+        for path in sorted(folder.rglob("*")):
+            if path.is_file():
+                zf.write(path, prefix + path.relative_to(folder).as_posix())
+    return archive
+
+
+def _tar_folder(folder: Path, archive: Path) -> Path:
+    import tarfile
+
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(folder, arcname="pets")  # one wrapper folder, as people usually pack
+    return archive
+
+
+@pytest.mark.parametrize("packer", ["zip", "tar.gz"])
+def test_archive_source_lands_like_the_folder_and_is_deterministic(image_folder, tmp_path, packer):
+    archive = (_zip_folder(image_folder, tmp_path / "pets.zip", prefix="pets/") if packer == "zip"
+               else _tar_folder(image_folder, tmp_path / "pets.tar.gz"))
+    from_folder = ingest(str(image_folder), tmp_path / "a")
+    from_archive = ingest(str(archive), tmp_path / "b")
+    assert from_archive.kind == "archive"
+    assert from_archive.content_hash == from_folder.content_hash
+    assert from_archive.source_sha256 == sha256_file(archive)
+    assert _snapshot(tmp_path / "b") == _snapshot(tmp_path / "a")
+    again = ingest(str(archive), tmp_path / "b")
+    assert again.content_hash == from_archive.content_hash
+    assert _leftovers(tmp_path, "b") == []
+
+
+def test_path_traversal_archive_leaves_dest_untouched(tmp_path, existing_dest):
+    import io
+    import tarfile
+
+    archive = tmp_path / "evil.tar"
+    with tarfile.open(archive, "w") as tar:
+        for name in ("cat/ok.png", "../../escaped.png"):
+            info = tarfile.TarInfo(name)
+            info.size = 3
+            tar.addfile(info, io.BytesIO(b"abc"))
+    before = _snapshot(existing_dest)
+    with pytest.raises(IngestError, match=r"escapes the destination"):
+        ingest(str(archive), existing_dest)
+    assert _snapshot(existing_dest) == before
+    assert not (tmp_path.parent / "escaped.png").exists() and not (tmp_path / "escaped.png").exists()
+    assert _leftovers(tmp_path, "raw") == []
+
+
+def test_oversized_archive_leaves_dest_untouched(image_folder, tmp_path, existing_dest):
+    from tasks.archive import Caps
+
+    archive = _zip_folder(image_folder, tmp_path / "pets.zip")
+    before = _snapshot(existing_dest)
+    with pytest.raises(IngestError, match="max_total_bytes"):
+        ingest(str(archive), existing_dest, caps=Caps(max_total_bytes=1000))
+    assert _snapshot(existing_dest) == before
+    assert _leftovers(tmp_path, "raw") == []
+
+
+def test_archive_checksum_in_params_must_match(image_folder, tmp_path, existing_dest):
+    archive = _zip_folder(image_folder, tmp_path / "pets.zip")
+    with pytest.raises(IngestError, match="does not match ingest.sha256"):
+        ingest(str(archive), existing_dest, sha256="0" * 64)
+    assert ingest(str(archive), tmp_path / "ok", sha256=sha256_file(archive)).n_files == 36
+
+
+# --- URL ----------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def http_dir(tmp_path):
+    """A local http.server on 127.0.0.1 serving tmp_path/www (no network beyond loopback)."""
+    import functools
+    import http.server
+    import threading
+
+    www = tmp_path / "www"
+    www.mkdir()
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(www))
+    handler.log_message = lambda *a, **k: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield www, f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def test_url_source_downloads_checks_and_extracts(image_folder, tmp_path, http_dir):
+    www, base = http_dir
+    archive = _zip_folder(image_folder, www / "pets.zip", prefix="pets/")
+    digest = sha256_file(archive)
+    result = ingest(f"{base}/pets.zip", tmp_path / "raw", sha256=digest)
+    assert result.kind == "url" and result.source_sha256 == digest
+    assert result.classes == {"cat": 12, "dog": 12, "fish": 12}
+    assert result.content_hash == ingest(str(image_folder), tmp_path / "direct").content_hash
+    assert _leftovers(tmp_path, "raw") == []
+
+
+def test_url_with_wrong_checksum_or_missing_file_leaves_dest_untouched(image_folder, tmp_path, http_dir,
+                                                                       existing_dest):
+    www, base = http_dir
+    _zip_folder(image_folder, www / "pets.zip")
+    before = _snapshot(existing_dest)
+    with pytest.raises(IngestError, match="sha256 mismatch"):
+        ingest(f"{base}/pets.zip", existing_dest, sha256="0" * 64)
+    with pytest.raises(IngestError, match="404"):
+        ingest(f"{base}/missing.zip", existing_dest, sha256="0" * 64)
+    assert _snapshot(existing_dest) == before
+    assert _leftovers(tmp_path, "raw") == []
+
+
+def test_interrupted_url_download_leaves_dest_untouched(image_folder, tmp_path, existing_dest):
+    import io
+
+    data = _zip_folder(image_folder, tmp_path / "pets.zip").read_bytes()
+
+    class Dropping(io.BytesIO):
+        def read(self, n=-1):
+            if self.tell() > len(data) // 2:
+                raise TimeoutError("read timed out")
+            return super().read(4096)
+
+    before = _snapshot(existing_dest)
+    with pytest.raises(IngestError, match="timed out"):
+        ingest("https://example.invalid/pets.zip", existing_dest, sha256=sha256_file(tmp_path / "pets.zip"),
+               fetch=lambda url: Dropping(data))
+    assert _snapshot(existing_dest) == before
+    assert _leftovers(tmp_path, "raw") == []
+
+
+# --- CSV manifest ------------------------------------------------------------------------------------------
+
+def test_csv_manifest_source_copies_listed_files_and_reports_every_bad_row(image_folder, tmp_path):
+    flat = tmp_path / "flat"
+    (flat / "img").mkdir(parents=True)
+    lines = ["path,label"]
+    for i, src in enumerate(sorted(image_folder.rglob("*.png"))[:9]):
+        (flat / "img" / f"{i}.png").write_bytes(src.read_bytes())
+        lines.append(f"img/{i}.png,{src.parent.name}")
+    (tmp_path / "secret.png").write_bytes(b"outside")
+    lines += [
+        "img/missing.png,cat",          # listed, not there
+        "../secret.png,cat",            # escapes the CSV's folder
+        "img/0.png,cat",                # listed twice (same label as its first row)
+        "img/1.png,",                   # no label
+        "img/2.png,.hidden",            # hidden label
+    ]
+    csv_path = flat / "labels.csv"
+    csv_path.write_text("\n".join(lines) + "\n")
+    result = ingest(str(csv_path), tmp_path / "raw")
+    assert result.kind == "csv" and result.layout == "classes"
+    reasons = {item["path"]: item["reason"] for item in result.rejected}
+    assert "not found" in reasons["img/missing.png"]
+    assert "escapes" in reasons["../secret.png (line 12)"]
+    assert reasons["img/0.png (line 13)"] == "listed twice (first on line 2)"
+    assert reasons["img/1.png (line 14)"] == "invalid or empty label ''"
+    assert reasons["img/2.png (line 15)"] == "invalid or empty label '.hidden'"
+    copied = _snapshot(tmp_path / "raw")
+    assert all(rel.split("/")[1] == "img" for rel in copied)
+    assert not any("secret" in rel for rel in copied)
+    # every listed row is either copied or rejected with a reason
+    assert result.n_files + len(result.rejected) == len(lines) - 1
+
+
+def test_csv_label_conflict_rejects_both_rows(tmp_path):
+    folder = tmp_path / "flat"
+    folder.mkdir()
+    Image.new("L", (16, 16), 3).save(folder / "a.png")
+    Image.new("L", (16, 16), 9).save(folder / "b.png")
+    (folder / "labels.csv").write_text("path,label\na.png,cat\na.png,dog\nb.png,dog\n")
+    result = ingest(str(folder / "labels.csv"), tmp_path / "raw")
+    assert result.classes == {"dog": 1}
+    conflict = [r for r in result.rejected if r["path"].startswith("a.png")]
+    assert len(conflict) == 2 and all("label conflict" in r["reason"] for r in conflict)
+
+
+def test_csv_with_split_column_is_presplit(tmp_path):
+    folder = tmp_path / "flat"
+    folder.mkdir()
+    rows = ["path,label,split"]
+    for i, split_name in enumerate(["train", "train", "validation", "test", "bogus"]):
+        Image.new("L", (16, 16), i * 20).save(folder / f"{i}.png")
+        rows.append(f"{i}.png,cat,{split_name}")
+    (folder / "labels.csv").write_text("\n".join(rows) + "\n")
+    result = ingest(str(folder / "labels.csv"), tmp_path / "raw")
+    assert result.layout == "presplit"
+    assert result.splits == {"test": 1, "train": 2, "val": 1}
+    assert [r["reason"] for r in result.rejected] == ["unknown split 'bogus' (use train, val or test)"]
+
+
+def test_csv_without_required_columns_is_an_error(tmp_path, existing_dest):
+    (tmp_path / "labels.csv").write_text("file,class\na.png,cat\n")
+    with pytest.raises(IngestError, match="path,label"):
+        ingest(str(tmp_path / "labels.csv"), existing_dest)
+
+
+# --- odd files -------------------------------------------------------------------------------------------
+
+def test_non_utf8_file_and_folder_names_are_renamed_readably_not_dropped(image_folder, tmp_path):
+    raw_name = os.fsencode(image_folder / "cat") + b"/caf\xe9.png"
+    with open(raw_name, "wb") as fh:
+        fh.write((image_folder / "dog" / "img_00.png").read_bytes())
+    os.mkdir(os.fsencode(image_folder) + b"/b\xfcrd")
+    with open(os.fsencode(image_folder) + b"/b\xfcrd/x.png", "wb") as fh:
+        fh.write((image_folder / "dog" / "img_01.png").read_bytes())
+    result = ingest(str(image_folder), tmp_path / "raw")
+    assert result.n_files == 38
+    assert (tmp_path / "raw" / "cat" / "caf\\xe9.png").is_file()
+    assert result.classes["b\\xfcrd"] == 1
+    assert {r["to"] for r in result.renamed} == {"cat/caf\\xe9.png", "b\\xfcrd/x.png"}
+    import json
+
+    json.dumps(result.to_dict()).encode("utf-8")  # the record is plain UTF-8
+
+
+def test_fifo_is_rejected_with_a_reason(image_folder, tmp_path):
+    os.mkfifo(image_folder / "cat" / "pipe.png")
+    result = ingest(str(image_folder), tmp_path / "raw")
+    assert result.rejected == [{"path": "cat/pipe.png", "label": "cat",
+                                "reason": "not a regular file (device, FIFO or socket)"}]
+    assert result.n_files == 36
+
+
+def test_hidden_entries_are_counted_as_ignored(image_folder, tmp_path):
+    (image_folder / "cat" / ".DS_Store").write_bytes(b"x")
+    (image_folder / ".ipynb_checkpoints").mkdir()
+    result = ingest(str(image_folder), tmp_path / "raw")
+    assert result.ignored == 2
+    assert result.ignored_examples == [".ipynb_checkpoints", "cat/.DS_Store"]

@@ -234,3 +234,38 @@ def test_normalize_with_custom_stats():
     spec = Preprocess(size=1, mode="RGB", mean=(0.0, 0.5, 1.0), std=(1.0, 0.25, 2.0))
     batch = torch.full((1, 3, 1, 1), 255, dtype=torch.uint8)
     assert normalize(batch, spec).flatten().tolist() == pytest.approx([1.0, 2.0, 0.0])
+
+
+# --- policy additions: pixel cap before decoding, CMYK, notes -------------------------------------------
+
+def test_open_image_refuses_images_over_the_pixel_cap_before_decoding(tmp_path, monkeypatch):
+    from PIL import ImageFile
+
+    from tasks.preprocess import ImagePolicyError
+
+    path = tmp_path / "big.png"
+    Image.new("L", (300, 300)).save(path)
+    called = []
+    real_load = ImageFile.ImageFile.load
+    monkeypatch.setattr(ImageFile.ImageFile, "load", lambda self: called.append(1) or real_load(self))
+    with pytest.raises(ImagePolicyError, match="90,000-pixel cap|pixel cap"):
+        open_image(path, max_pixels=50_000)
+    assert called == []
+    assert open_image(path, max_pixels=90_000).size == (300, 300)
+
+
+def test_cmyk_is_converted_explicitly():
+    cmyk = Image.new("CMYK", (2, 2), (0, 255, 255, 0))  # pure red in CMYK
+    out = to_mode(cmyk, "RGB")
+    assert out.mode == "RGB" and tuple(_rgb(out)[0, 0]) == (255, 0, 0)
+    assert to_mode(cmyk, "L").mode == "L"
+
+
+def test_policy_notes_say_what_the_policy_does():
+    from tasks.preprocess import policy_notes
+
+    assert policy_notes(Image.new("L", (2, 2))) == []
+    notes = policy_notes(Image.new("RGBA", (2, 2)), n_frames=4, orientation=8)
+    assert notes == ["first of 4 frames used", "EXIF orientation 8 applied", "transparency composited on white"]
+    assert policy_notes(Image.new("CMYK", (2, 2))) == ["CMYK converted to RGB"]
+    assert policy_notes(Image.new("I;16", (2, 2))) == ["I;16 rescaled to 8-bit (not clipped)"]

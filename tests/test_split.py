@@ -115,7 +115,7 @@ def test_class_with_fewer_than_3_images_raises_naming_it(tmp_path, n):
     with pytest.raises(SplitError) as info:
         split(manifest, tmp_path / "splits", val_fraction=0.15, test_fraction=0.15, seed=42)
     assert "rare_bird" in str(info.value)
-    assert "cat" not in str(info.value)
+    assert "'cat'" not in str(info.value)  # names only the class that is too small
     assert not (tmp_path / "splits" / "test.csv").exists()
 
 
@@ -142,3 +142,155 @@ def test_small_class_gets_an_image_in_every_split_when_classes_are_imbalanced():
     parts = split_frame(accepted, val_fraction=0.15, test_fraction=0.15, seed=42)
     for name, part in parts.items():
         assert "rare" in set(part["label"]), f"{name} has no 'rare' image: {part['label'].value_counts().to_dict()}"
+
+
+# --- duplicates and near duplicates never straddle splits ------------------------------------------------
+
+import numpy as np  # noqa: E402
+
+from tasks.split import assign_splits, group_ids, near_duplicate_pairs  # noqa: E402
+
+
+def _hashed(counts: dict[str, int], seed: int = 0) -> pd.DataFrame:
+    """Manifest rows with random sha256 and far-apart random 64-bit perceptual hashes."""
+    rng = np.random.default_rng(seed)
+    frame = _manifest(counts)
+    frame["sha256"] = [f"{i:064x}" for i in range(len(frame))]
+    frame["phash"] = [f"{int(h):016x}" for h in rng.integers(0, 2**63, len(frame), dtype=np.int64)]
+    return frame
+
+
+def _flip(hex_hash: str, bits: int) -> str:
+    value = int(hex_hash, 16)
+    for b in range(bits):
+        value ^= 1 << (b * 7)
+    return f"{value:016x}"
+
+
+def test_near_duplicate_pairs_match_brute_force():
+    rng = np.random.default_rng(3)
+    base = rng.integers(0, 2**63, 40, dtype=np.int64).astype(np.uint64)
+    near = np.array([int(h) ^ (1 << int(rng.integers(0, 64))) ^ (1 << 5) for h in base[:15]], dtype=np.uint64)
+    hashes = np.concatenate([base, near])
+    for d in (0, 2, 4, 10):
+        brute = sorted((i, j) for i in range(len(hashes)) for j in range(i + 1, len(hashes))
+                       if bin(int(hashes[i]) ^ int(hashes[j])).count("1") <= d)
+        assert near_duplicate_pairs(hashes, d) == brute, d
+
+
+def test_group_ids_join_exact_and_near_duplicates_transitively():
+    sha = ["a", "b", "a", "c", "d"]
+    ph = ["0000000000000000", "ffffffffffffffff", "0f0f0f0f0f0f0f0f", "0000000000000003", "00000000000000ff"]
+    assert group_ids(sha, ph, max_distance=2) == [0, 1, 0, 0, 4]
+    assert group_ids(sha, ph, max_distance=None) == [0, 1, 0, 3, 4]
+
+
+def test_exact_duplicates_in_one_class_stay_in_one_split(tmp_path):
+    frame = _hashed(COUNTS)
+    cat = frame.index[frame["label"] == "cat"]
+    frame.loc[cat[:10], "sha256"] = "same"  # ten copies of one picture
+    rows, _ = assign_splits(frame, val_fraction=0.15, test_fraction=0.15, seed=1, near_duplicate_distance=None)
+    assert rows.loc[rows["sha256"] == "same", "split"].nunique() == 1
+    assert set(rows.loc[rows["label"] == "cat", "split"]) == {"train", "val", "test"}
+
+
+def test_near_duplicates_across_would_be_splits_are_kept_together(tmp_path):
+    frame = _hashed(COUNTS, seed=4)
+    for k, label in enumerate(COUNTS):
+        idx = frame.index[frame["label"] == label]
+        for i in idx[1:6]:  # five near copies (1-3 bits away) of each class's first image
+            frame.loc[i, "phash"] = _flip(frame.loc[idx[0], "phash"], 1 + i % 3)
+    path = _write(frame, tmp_path / "manifest.csv")
+    result = split(path, tmp_path / "splits", val_fraction=0.15, test_fraction=0.15, seed=42,
+                   near_duplicate_distance=4)
+    parts = _read(tmp_path / "splits")
+    where = {p: name for name, part in parts.items() for p in part["path"]}
+    for label in COUNTS:
+        family = [f"{label}/img_{i:03d}.png" for i in range(6)]
+        assert len({where[p] for p in family}) == 1, label
+    assert result.groups["grouped_groups"] == 3 and result.groups["grouped_images"] == 18
+    groups = pd.read_csv(tmp_path / "splits" / "groups.csv")
+    assert len(groups) == 18 and groups.groupby("group")["split"].nunique().max() == 1
+    summary = json.loads((tmp_path / "splits" / "summary.json").read_text())
+    assert all(c["success"] for c in summary["leakage_checks"]) and summary["leakage_checks"]
+    # without grouping the same seed would have spread at least one family over several splits
+    loose, _ = assign_splits(frame, val_fraction=0.15, test_fraction=0.15, seed=42, near_duplicate_distance=None)
+    spread = [loose[loose["path"].isin([f"{label}/img_{i:03d}.png" for i in range(6)])]["split"].nunique()
+              for label in COUNTS]
+    assert max(spread) > 1
+
+
+def test_grouped_split_is_reproducible_and_order_independent(tmp_path):
+    frame = _hashed(COUNTS, seed=7)
+    a = _write(frame, tmp_path / "a.csv")
+    b = _write(frame.sample(frac=1, random_state=3), tmp_path / "b.csv")
+    ra = split(a, tmp_path / "sa", val_fraction=0.2, test_fraction=0.2, seed=5, near_duplicate_distance=4)
+    rb = split(b, tmp_path / "sb", val_fraction=0.2, test_fraction=0.2, seed=5, near_duplicate_distance=4)
+    assert ra.test_hash == rb.test_hash
+    for name in SPLITS:
+        assert (tmp_path / "sa" / f"{name}.csv").read_bytes() == (tmp_path / "sb" / f"{name}.csv").read_bytes()
+
+
+def test_a_class_that_is_one_picture_many_times_cannot_be_split(tmp_path):
+    frame = _hashed({**COUNTS, "clones": 6})
+    frame.loc[frame["label"] == "clones", "sha256"] = "clone"
+    with pytest.raises(SplitError, match="'clones' \\(6 images in 1 groups\\)"):
+        split(_write(frame, tmp_path / "m.csv"), tmp_path / "splits", val_fraction=0.15, test_fraction=0.15,
+              seed=1)
+    assert not (tmp_path / "splits").exists()
+
+
+# --- pre-split sources ---------------------------------------------------------------------------------
+
+def _presplit_frame(counts_per_split: dict[str, int]) -> pd.DataFrame:
+    frames = []
+    for split_name, n in counts_per_split.items():
+        part = _hashed({"cat": n, "dog": n}, seed=len(frames) + 10)
+        part["path"] = split_name + "/" + part["path"]
+        part["sha256"] = split_name + part["sha256"]
+        part["split_hint"] = split_name
+        frames.append(part)
+    return pd.concat(frames, ignore_index=True)
+
+
+def test_presplit_source_is_respected_as_given(tmp_path):
+    frame = _presplit_frame({"train": 10, "val": 3, "test": 4})
+    split(_write(frame, tmp_path / "m.csv"), tmp_path / "splits", val_fraction=0.15, test_fraction=0.15, seed=1)
+    parts = _read(tmp_path / "splits")
+    for name, part in parts.items():
+        assert part["path"].str.startswith(name + "/").all()
+    assert {name: len(part) for name, part in parts.items()} == {"train": 20, "val": 6, "test": 8}
+
+
+def test_presplit_source_that_leaks_is_an_error_naming_the_files(tmp_path):
+    frame = _presplit_frame({"train": 10, "val": 3, "test": 4})
+    frame.loc[frame["path"] == "test/cat/img_000.png", "sha256"] = \
+        frame.loc[frame["path"] == "train/cat/img_005.png", "sha256"].iloc[0]
+    with pytest.raises(SplitError) as info:
+        split(_write(frame, tmp_path / "m.csv"), tmp_path / "splits", val_fraction=0.15, test_fraction=0.15,
+              seed=1)
+    assert "train/cat/img_005.png (train)" in str(info.value) and "test/cat/img_000.png (test)" in str(info.value)
+    assert not (tmp_path / "splits").exists()
+
+
+def test_presplit_near_duplicate_across_given_splits_is_an_error(tmp_path):
+    frame = _presplit_frame({"train": 10, "val": 3, "test": 4})
+    train_hash = frame.loc[frame["path"] == "train/dog/img_002.png", "phash"].iloc[0]
+    frame.loc[frame["path"] == "val/dog/img_001.png", "phash"] = _flip(train_hash, 2)
+    with pytest.raises(SplitError, match="val/dog/img_001.png"):
+        split(_write(frame, tmp_path / "m.csv"), tmp_path / "s", val_fraction=0.15, test_fraction=0.15, seed=1,
+              near_duplicate_distance=4)
+    # at a stricter threshold the two are not near duplicates and the given splits stand
+    split(_write(frame, tmp_path / "m.csv"), tmp_path / "s", val_fraction=0.15, test_fraction=0.15, seed=1,
+          near_duplicate_distance=1)
+
+
+def test_presplit_without_val_carves_it_from_train_with_a_warning(tmp_path):
+    frame = _presplit_frame({"train": 20, "test": 5})
+    result = split(_write(frame, tmp_path / "m.csv"), tmp_path / "splits", val_fraction=0.15,
+                   test_fraction=0.15, seed=1)
+    parts = _read(tmp_path / "splits")
+    assert parts["test"]["path"].str.startswith("test/").all() and len(parts["test"]) == 10
+    assert parts["val"]["path"].str.startswith("train/").all() and set(parts["val"]["label"]) == {"cat", "dog"}
+    assert len(parts["val"]) + len(parts["train"]) == 40
+    assert any("no val folder" in w for w in result.warnings)

@@ -17,9 +17,11 @@ from tasks.validate import MANIFEST_COLUMNS, build_manifest, dataset_mode, inspe
 SUITE = Path(__file__).resolve().parent.parent / "expectations" / "manifest.json"
 
 
-def _run(raw: Path, out: Path, *, labels=None, min_images_per_class=10):
+def _run(raw: Path, out: Path, *, labels=None, min_images_per_class=10, **kwargs):
+    kwargs.setdefault("data_docs", False)  # Data Docs are tested on their own (they take a moment)
     return validate(raw, suite_path=SUITE, labels=labels, min_images_per_class=min_images_per_class,
-                    manifest_path=out / "data" / "manifest.csv", report_dir=out / "reports" / "validation")
+                    manifest_path=out / "data" / "manifest.csv", report_dir=out / "reports" / "validation",
+                    **kwargs)
 
 
 def _png_bytes(size: int = 64, seed: int = 1) -> bytes:
@@ -130,22 +132,36 @@ def test_contract_passes_on_good_data(image_folder, tmp_path):
     assert outcome.quarantined == 0
 
 
-def test_contract_fails_on_duplicate_images_with_example_paths(image_folder, tmp_path):
+def test_duplicate_across_classes_is_a_label_conflict_and_both_copies_are_quarantined(image_folder, tmp_path):
     shutil.copyfile(image_folder / "cat" / "img_03.png", image_folder / "dog" / "copy_of_cat.png")
     out = tmp_path / "out"
-    outcome = _run(image_folder, out)
+    outcome = _run(image_folder, out, max_rejected_share=0.1)
+    assert (outcome.discovered, outcome.accepted, outcome.quarantined) == (37, 35, 2)
+    assert outcome.contract.success
+    quarantine = pd.read_csv(out / "reports" / "validation" / "quarantine.csv").set_index("path")
+    assert "label conflict" in quarantine.loc["cat/img_03.png", "reason"]
+    assert "dog/copy_of_cat.png (dog)" in quarantine.loc["cat/img_03.png", "reason"]
+    assert "cat/img_03.png (cat)" in quarantine.loc["dog/copy_of_cat.png", "reason"]
+    # with the default share of rejected files allowed, two of 37 fails the contract and says why
+    strict = _run(image_folder, tmp_path / "strict", max_rejected_share=0.05)
+    assert [c.column for c in strict.contract.failures] == ["rejected_share"]
+
+
+def test_contract_fails_on_too_many_exact_duplicates_with_example_paths(image_folder, tmp_path):
+    shutil.copyfile(image_folder / "cat" / "img_03.png", image_folder / "cat" / "copy.png")
+    out = tmp_path / "out"
+    outcome = _run(image_folder, out, max_duplicate_share=0.0)
     assert not outcome.contract.success
     failing = {(c.expectation, c.column): c for c in outcome.contract.failures}
     assert set(failing) == {("expect_column_values_to_be_unique", "sha256")}
     examples = " ".join(failing[("expect_column_values_to_be_unique", "sha256")].examples)
-    assert "cat/img_03.png" in examples
-    assert "dog/copy_of_cat.png" in examples
-
+    assert "cat/img_03.png" in examples and "cat/copy.png" in examples
     summary = json.loads((out / "reports" / "validation" / "summary.json").read_text())
     assert summary["success"] is False
     markdown = (out / "reports" / "validation" / "summary.md").read_text()
-    assert "FAILED" in markdown
-    assert "dog/copy_of_cat.png" in markdown
+    assert "FAILED" in markdown and "cat/copy.png" in markdown
+    # a same-class copy within the allowed share passes: the split keeps the two together
+    assert _run(image_folder, tmp_path / "lenient", max_duplicate_share=0.1).contract.success
 
 
 def test_contract_fails_when_a_class_is_too_small(make_image_folder, tmp_path):
@@ -209,3 +225,225 @@ def test_dataset_mode_ignores_rejected_colour_files(image_folder):
     row = manifest.set_index("path").loc["dog/broken_colour.png"]
     assert row["mode"] == "RGB" and not row["accepted"]
     assert dataset_mode(manifest) == "L"
+
+
+# --- every bad input: a clear reason, and nothing lost ----------------------------------------------------
+
+def _jpeg_bytes(size=(64, 48), mode="RGB", exif_orientation: int | None = None, seed: int = 2) -> bytes:
+    rng = np.random.default_rng(seed)
+    channels = {"RGB": 3, "CMYK": 4, "L": 1}[mode]
+    arr = rng.integers(0, 256, (size[1], size[0], channels), dtype=np.uint8)
+    img = Image.fromarray(arr[..., 0] if channels == 1 else arr, mode=mode)
+    buf = io.BytesIO()
+    kwargs = {}
+    if exif_orientation is not None:
+        exif = Image.Exif()
+        exif[0x0112] = exif_orientation
+        kwargs["exif"] = exif.tobytes()
+    img.save(buf, "JPEG", quality=90, **kwargs)
+    return buf.getvalue()
+
+
+def _crafted_png_header(width: int, height: int) -> bytes:
+    """A tiny PNG whose header claims width x height (a decompression bomb never needs to be decoded)."""
+    import struct
+    import zlib
+
+    buf = io.BytesIO()
+    Image.new("L", (1, 1)).save(buf, "PNG")
+    data = bytearray(buf.getvalue())
+    ihdr = data.index(b"IHDR")
+    data[ihdr + 4:ihdr + 12] = struct.pack(">II", width, height)
+    data[ihdr + 17:ihdr + 21] = struct.pack(">I", zlib.crc32(bytes(data[ihdr:ihdr + 17])))
+    return bytes(data)
+
+
+def _write_bad(folder: Path) -> dict[str, str]:
+    """Every rejected kind of file from the issue, in class `cat`; returns {path: expected reason pattern}."""
+    cat = folder / "cat"
+    (cat / "zero.png").write_bytes(b"")
+    (cat / "text.png").write_text("hello, I am text\n")
+    whole_png, whole_jpg = _png_bytes(), _jpeg_bytes()
+    (cat / "cut.png").write_bytes(whole_png[: len(whole_png) // 2])
+    (cat / "cut.jpg").write_bytes(whole_jpg[: len(whole_jpg) // 2])
+    (cat / "bomb_header.png").write_bytes(_crafted_png_header(100_000, 100_000))
+    buf = io.BytesIO()
+    Image.new("L", (3000, 3000)).save(buf, "PNG")  # 9 Mpx of zeros: ~9 KB on disk
+    (cat / "bomb_real.png").write_bytes(buf.getvalue())
+    return {"cat/zero.png": r"^empty file \(0 bytes\)$",
+            "cat/text.png": r"^not an image",
+            "cat/cut.png": r"^cannot decode: .*(truncated|broken|EOF)",
+            "cat/cut.jpg": r"^cannot decode: .*truncated",
+            "cat/bomb_header.png": r"pixel cap|decompression bomb",
+            "cat/bomb_real.png": r"3000x3000 = 9,000,000 pixels exceeds the 4,000,000-pixel cap"}
+
+
+def _write_odd_but_fine(folder: Path) -> dict[str, tuple[str, str]]:
+    """Files the policy accepts with a note; returns {path: (mode, note pattern)}."""
+    dog = folder / "dog"
+    (dog / "cmyk.jpg").write_bytes(_jpeg_bytes(mode="CMYK"))
+    Image.fromarray(np.array([[0, 30000], [60000, 65535]], dtype=np.uint16)).save(dog / "deep16.png")
+    pal = Image.new("P", (8, 8))
+    pal.putpalette([255, 0, 0, 0, 0, 255] + [0, 0, 0] * 254)
+    pal.putdata([0, 1] * 32)
+    pal.save(dog / "palette.png", transparency=0)
+    frames = [Image.new("L", (16, 16), v) for v in (10, 120, 240)]
+    frames[0].save(dog / "anim.gif", save_all=True, append_images=frames[1:])
+    (dog / "rotated.jpg").write_bytes(_jpeg_bytes(size=(40, 20), exif_orientation=6))
+    (dog / "jpeg_named.png").write_bytes(_jpeg_bytes(seed=5))
+    return {"dog/cmyk.jpg": ("CMYK", "CMYK converted to RGB"),
+            "dog/deep16.png": ("I;16", "rescaled to 8-bit"),
+            "dog/palette.png": ("P", "transparency composited on white"),
+            "dog/anim.gif": ("P", "first of 3 frames used"),
+            "dog/rotated.jpg": ("RGB", "EXIF orientation 6 applied"),
+            "dog/jpeg_named.png": ("RGB", "extension .png but the content is JPEG")}
+
+
+def test_every_bad_image_is_quarantined_with_a_clear_reason_and_kept(image_folder, tmp_path):
+    bad = _write_bad(image_folder)
+    before = {p: (image_folder / p).read_bytes() for p in bad}
+    out = tmp_path / "out"
+    outcome = _run(image_folder, out, max_pixels=4_000_000)
+    quarantine = pd.read_csv(out / "reports" / "validation" / "quarantine.csv", keep_default_na=False)
+    reasons = dict(zip(quarantine["path"], quarantine["reason"]))
+    assert set(reasons) == set(bad)
+    for path, pattern in bad.items():
+        assert __import__("re").search(pattern, reasons[path]), (path, reasons[path])
+        assert (image_folder / path).read_bytes() == before[path]  # nothing deleted or changed
+    assert outcome.discovered == 36 + len(bad) == outcome.accepted + outcome.quarantined
+    manifest = pd.read_csv(out / "data" / "manifest.csv", keep_default_na=False)
+    assert set(manifest["path"]) >= set(bad)
+
+
+def test_decompression_bomb_is_rejected_before_it_is_decoded(tmp_path, monkeypatch):
+    from PIL import ImageFile
+
+    path = tmp_path / "bomb.png"
+    path.write_bytes(_crafted_png_header(50_000, 50_000))
+    called = []
+    monkeypatch.setattr(ImageFile.ImageFile, "load", lambda self: called.append(1))
+    facts = inspect_image(path, max_pixels=10_000_000)
+    assert not facts["decodable"] and called == []
+    assert "pixel cap" in facts["reason"] or "decompression bomb" in facts["reason"]
+
+
+def test_odd_but_valid_images_are_accepted_with_the_policy_noted(image_folder, tmp_path):
+    odd = _write_odd_but_fine(image_folder)
+    out = tmp_path / "out"
+    outcome = _run(image_folder, out)
+    assert outcome.quarantined == 0, pd.read_csv(out / "reports" / "validation" / "quarantine.csv")
+    assert outcome.mode == "RGB"
+    rows = pd.read_csv(out / "data" / "manifest.csv", keep_default_na=False, dtype={"mode": str}).set_index("path")
+    for path, (mode, note) in odd.items():
+        assert rows.loc[path, "accepted"], path
+        assert rows.loc[path, "mode"] == mode, path
+        assert note in rows.loc[path, "note"], (path, rows.loc[path, "note"])
+    assert rows.loc["dog/anim.gif", "n_frames"] == 3
+    assert (rows.loc["dog/rotated.jpg", "width"], rows.loc["dog/rotated.jpg", "height"]) == (20, 40)
+    assert float(rows.loc["dog/rotated.jpg", "exif_orientation"]) == 6
+    summary = json.loads((out / "reports" / "validation" / "summary.json").read_text())
+    assert summary["policy_notes"]["first frame of a multi-frame file used"] == 1
+    assert "Image policy applied" in (out / "reports" / "validation" / "summary.md").read_text()
+
+
+def test_phash_is_computed_on_the_oriented_image(tmp_path):
+    upright = tmp_path / "upright.jpg"
+    rotated = tmp_path / "rotated.jpg"
+    base = Image.open(io.BytesIO(_jpeg_bytes(size=(40, 20), exif_orientation=6)))
+    from PIL import ImageOps
+
+    ImageOps.exif_transpose(base).save(upright, "JPEG", quality=95)
+    rotated.write_bytes(_jpeg_bytes(size=(40, 20), exif_orientation=6))
+    a, b = inspect_image(upright)["phash"], inspect_image(rotated)["phash"]
+    assert bin(int(a, 16) ^ int(b, 16)).count("1") <= 6
+
+
+def test_ingest_rejections_reach_the_quarantine_so_nothing_is_silently_dropped(image_folder, tmp_path):
+    from tasks.ingest import ingest
+
+    outside = tmp_path / "outside.png"
+    outside.write_bytes((image_folder / "cat" / "img_00.png").read_bytes())
+    (image_folder / "cat" / "escape.png").symlink_to(outside)
+    (image_folder / ".ipynb_checkpoints").mkdir()
+    (image_folder / ".ipynb_checkpoints" / "x.png").write_bytes(b"nb")
+    raw = tmp_path / "raw"
+    record = ingest(str(image_folder), raw)
+    out = tmp_path / "out"
+    outcome = _run(raw, out, not_ingested=record.rejected)
+    assert outcome.discovered == 37 == outcome.accepted + outcome.quarantined
+    quarantine = pd.read_csv(out / "reports" / "validation" / "quarantine.csv")
+    assert quarantine.to_dict("records") == [
+        {"path": "cat/escape.png", "label": "cat", "reason": "not ingested: symlink resolves outside the source"}]
+    manifest = pd.read_csv(out / "data" / "manifest.csv")
+    assert not manifest["path"].str.contains("ipynb").any()  # hidden: ignored, never a class
+    assert sorted(manifest["label"].unique()) == ["cat", "dog", "fish"]
+
+
+def test_non_utf8_names_survive_ingest_validate_and_the_csv(image_folder, tmp_path):
+    import os
+
+    from tasks.ingest import ingest
+
+    with open(os.fsencode(image_folder / "cat") + b"/na\xefve.png", "wb") as fh:
+        fh.write(_png_bytes(size=16, seed=9))
+    raw = tmp_path / "raw"
+    ingest(str(image_folder), raw)
+    out = tmp_path / "out"
+    outcome = _run(raw, out)
+    assert outcome.accepted == 37
+    manifest = pd.read_csv(out / "data" / "manifest.csv")
+    assert "cat/na\\xefve.png" in set(manifest["path"])
+
+
+def test_presplit_layout_gives_split_hints_and_labels(tmp_path):
+    from tests.conftest import write_image_folder
+
+    for k, name in enumerate(("train", "val", "test")):
+        write_image_folder(tmp_path / "raw" / name, classes=("cat", "dog"), per_class=4, seed=k + 3)
+    manifest = build_manifest(tmp_path / "raw", layout="presplit")
+    assert sorted(manifest["label"].unique()) == ["cat", "dog"]
+    assert manifest.groupby("split_hint").size().to_dict() == {"test": 8, "train": 8, "val": 8}
+    assert (manifest["split_hint"] == manifest["path"].str.split("/").str[0]).all()
+
+
+def test_process_pool_gives_the_same_manifest(image_folder, monkeypatch):
+    import tasks.validate as v
+
+    _write_bad(image_folder)
+    serial = build_manifest(image_folder, workers=1)
+    monkeypatch.setattr(v, "POOL_MIN_FILES", 1)
+    pooled = build_manifest(image_folder, workers=2)
+    pd.testing.assert_frame_equal(serial, pooled)
+
+
+# --- the contract's other expectations ----------------------------------------------------------------
+
+def test_contract_checks_imbalance_sides_and_modes(make_image_folder, tmp_path):
+    raw = make_image_folder("images", classes=("big", "small"), per_class=12, mode="L")
+    for path in sorted((raw / "small").iterdir())[4:]:
+        path.unlink()
+    assert _run(raw, tmp_path / "a", min_images_per_class=4, max_class_imbalance=3.0).contract.success
+    imbalanced = _run(raw, tmp_path / "b", min_images_per_class=4, max_class_imbalance=2.0)
+    assert [c.column for c in imbalanced.contract.failures] == ["class_imbalance"]
+    assert all(e.startswith("small/") for e in imbalanced.contract.failures[0].examples)
+
+    small_side = _run(raw, tmp_path / "c", min_images_per_class=4, min_side=20)
+    assert [c.column for c in small_side.contract.failures] == ["width", "height"]
+    big_side = _run(raw, tmp_path / "d", min_images_per_class=4, max_side=10)
+    assert [c.column for c in big_side.contract.failures] == ["width", "height"]
+
+    modes = _run(raw, tmp_path / "e", min_images_per_class=4, allowed_modes=["RGB"])
+    assert [c.column for c in modes.contract.failures] == ["mode"]
+    assert "(mode=L)" in modes.contract.failures[0].examples[0]
+
+
+def test_data_docs_are_written_and_linked(image_folder, tmp_path):
+    out = tmp_path / "out"
+    outcome = _run(image_folder, out, data_docs=True, max_duplicate_share=0.0)
+    index = out / "reports" / "validation" / "data_docs" / "index.html"
+    assert outcome.contract.data_docs == str(index) and index.is_file()
+    pages = [p.read_text() for p in index.parent.rglob("*.html") if p != index]
+    assert any("expect_column_values_to_be_unique" in page or "values must be unique" in page for page in pages)
+    summary = json.loads((out / "reports" / "validation" / "summary.json").read_text())
+    assert summary["data_docs"] == str(index)
+    assert str(index) in (out / "reports" / "validation" / "summary.md").read_text()
