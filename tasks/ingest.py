@@ -353,7 +353,11 @@ def main() -> None:
     except IngestError as exc:
         console.print(f"[red]ingest failed:[/] {exc}")
         raise SystemExit(1) from None
-    write_json(RECORD, result.to_dict())
+    from datetime import datetime, timezone
+
+    # When this data version was taken: the gate refuses a candidate trained on data older than the
+    # champion's (a DVC run-cache restore of an old ingest brings its old timestamp back with it).
+    write_json(RECORD, {**result.to_dict(), "ingested_at": datetime.now(timezone.utc).isoformat(timespec="seconds")})
     console.print(
         f"ingest: {result.n_files} files in {len(result.classes)} classes from {result.source} "
         f"({result.kind}, {result.layout} layout; content {result.content_hash[:12]})"

@@ -205,7 +205,12 @@ def gate_input(root: Path, client: "MlflowClient", name: str, *, candidate_versi
     ingest = _read_json(root / "data/ingest.json") or {}
     test_csv = root / "data/splits/test.csv"
     splits = {s: pd.read_csv(root / f"data/splits/{s}.csv", dtype={"label": str}) for s in ("train", "val", "test")}
-    manifest = pd.read_csv(root / "data/manifest.csv", dtype={"label": str})
+    manifest = pd.read_csv(root / "data/manifest.csv", dtype={"label": str, "sha256": str})
+    groups_csv = root / "data/splits/groups.csv"
+    if groups_csv.exists():  # near-duplicate groups from the split stage; other images are their own group
+        grouped = pd.read_csv(groups_csv, dtype=str)
+        group_of = dict(zip(grouped["path"], "g" + grouped["group"]))
+        manifest["group"] = [group_of.get(p, "s" + h) for p, h in zip(manifest["path"], manifest["sha256"])]
     predictions = pd.read_csv(root / "reports/predictions.csv", dtype={"label": str, "prediction": str})
     candidate_correct = (predictions["label"] == predictions["prediction"]).tolist()
 
