@@ -162,6 +162,10 @@ def overridden(params_file: Path, overrides: dict[str, Any]) -> Iterator[None]:
         restore_file(params_file, original)
 
 
+def _read(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
 class RunBusy(RuntimeError):
     """Another run holds the project's run lock."""
 
@@ -241,9 +245,13 @@ def retrain(overrides: dict[str, Any] | None = None, source: str | None = None, 
         result = register_gate_promote(str(root), allow_promotion=allow_promotion)
     metrics = json.loads((root / "reports/metrics.json").read_text())
     ingest = json.loads((root / "data/ingest.json").read_text())
+    validation = _read(root / "reports/validation/summary.json")
+    split_summary = _read(root / "data/splits/summary.json")
     summary = {
         "stages_run": ran, "up_to_date": not ran, "data_hash": ingest["content_hash"],
         "data_source": ingest["source"], "n_images": ingest["n_files"],
+        "accepted": validation.get("accepted"), "quarantined": validation.get("quarantined"),
+        "data_docs": validation.get("data_docs"), "split_warnings": split_summary.get("warnings", []),
         "accuracy": metrics["accuracy"], "macro_f1": metrics["macro_f1"], "overrides": overrides,
         "seconds": round(time.time() - started, 1), **result,
     }

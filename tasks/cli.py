@@ -83,6 +83,12 @@ def _print_summary(s: dict) -> None:
     table = Table(title="imgclf run", show_header=False)
     table.add_row("stages run", ", ".join(s["stages_run"]) or "none: everything up to date")
     table.add_row("data version", f"{s['data_hash'][:12]} ({s['n_images']} images from {s['data_source']})")
+    if s.get("accepted") is not None:
+        table.add_row("validation", f"contract passed: {s['accepted']} accepted, {s['quarantined']} quarantined "
+                      "(reports/validation/quarantine.csv, summary.md"
+                      + (f", Data Docs {s['data_docs']}" if s.get("data_docs") else "") + ")")
+    for warning in s.get("split_warnings") or []:
+        table.add_row("split warning", warning)
     table.add_row("test accuracy", f"{s['accuracy']:.4f}  (macro F1 {s['macro_f1']:.4f})")
     table.add_row("model version", f"{s['model_name']} v{s['version']}" + ("  (new)" if s["registered"] else "  (already registered, nothing new)"))
     table.add_row("champion", f"v{s['champion']}" + ("  <- promoted" if s["promoted"] else "") if s["champion"] else "none")

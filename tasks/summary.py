@@ -24,7 +24,8 @@ def run_markdown(summary: dict[str, Any], *, validation: dict[str, Any] | None, 
     if validation is not None:
         lines.append(f"| validation | {'passed' if validation.get('success') else 'FAILED'}: "
                      f"{validation.get('accepted')} accepted, {validation.get('quarantined')} quarantined "
-                     "(reports/validation/summary.md, quarantine.csv) |")
+                     "(reports/validation/summary.md, quarantine.csv"
+                     + (f", Data Docs {validation['data_docs']}" if validation.get("data_docs") else "") + ") |")
     lines += [
         f"| test accuracy | {summary.get('accuracy', float('nan')):.4f} |",
         f"| test macro F1 | {summary.get('macro_f1', float('nan')):.4f} |",
