@@ -76,6 +76,10 @@ def register_candidate(root: str) -> dict[str, Any]:
     tags = registry.lineage_tags(rootp, metrics, params.digest())
     reg = registry.register(client, params.register_.model_name, model_uri=run_info["model_uri"],
                             run_id=run_info["run_id"], tags=tags)
+    if reg.created:
+        from tasks.reproduce import log_lineage
+
+        log_lineage(client, reg.run_id, rootp)
     return {"version": reg.version, "registered": reg.created, "run_id": reg.run_id,
             "model_name": params.register_.model_name}
 
@@ -112,6 +116,20 @@ def promote(root: str, version: str, expected: str | None, reason: str) -> str |
     return None
 
 
+def push(root: str) -> str | None:
+    """Push data and outputs to the default DVC remote, if one is configured; returns its name."""
+    from dvc.repo import Repo
+
+    from tasks.reproduce import has_remote
+
+    if not has_remote(Path(root)):
+        return None
+    _quiet_dvc()
+    with Repo(root) as repo:
+        repo.push()
+        return str(repo.config["core"]["remote"])
+
+
 def register_gate_promote(root: str, *, allow_promotion: bool) -> dict[str, Any]:
     """Register, gate and (if allowed and passing) promote; returns what happened."""
     from tasks import registry
@@ -124,6 +142,10 @@ def register_gate_promote(root: str, *, allow_promotion: bool) -> dict[str, Any]
     if not out["registered"]:
         out.update(promoted=False, gate=None, reason="already registered by an earlier run: nothing new to decide")
         return out
+    remote = task(push, name="push", retries=3, retry_delay_seconds=10, timeout_seconds=3600)(root)
+    out["dvc_remote"] = remote
+    if remote:
+        client.set_model_version_tag(out["model_name"], out["version"], "dvc.remote", remote)
     decision = task(gate, name="gate", retries=1, retry_delay_seconds=5, timeout_seconds=1800)(
         root, out["version"], out["run_id"])
     out["gate"] = decision

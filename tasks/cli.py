@@ -251,6 +251,37 @@ def schedule() -> None:
 
 
 @app.command()
+def reproduce(
+    version: Annotated[str, typer.Argument(help="Registered version to rebuild.")],
+    keep: Annotated[bool, typer.Option(help="Keep the temporary worktree for inspection.")] = False,
+    gpu_tolerance: Annotated[float, typer.Option(help="Allowed metric difference for GPU-trained versions.")] = 0.005,
+) -> None:
+    """Rebuild VERSION from its commit, params, dvc.lock and DVC data; check the metrics match."""
+    from tasks.reproduce import ReproduceError
+    from tasks.reproduce import reproduce as rebuild
+
+    root = project_root()
+    client, params = _client(root)
+    console.print(f"rebuilding {params.register_.model_name} v{version} in a temporary git worktree ...")
+    try:
+        rows, tree, tol = rebuild(root, client, params.register_.model_name, version, gpu_tolerance=gpu_tolerance,
+                                  keep=keep)
+    except ReproduceError as exc:
+        console.print(f"[red]cannot reproduce:[/] {exc}")
+        raise typer.Exit(1) from None
+    table = Table("metric", "registered", "reproduced", "match", title=f"v{version}: "
+                  + ("exact match required (CPU)" if tol == 0 else f"tolerance {tol} (GPU)"))
+    for r in rows:
+        table.add_row(r.metric, f"{r.registered:.6f}", f"{r.reproduced:.6f}", "yes" if r.ok else "[red]NO[/]")
+    console.print(table)
+    if keep:
+        console.print(f"worktree kept at {tree} (remove with `git worktree remove --force {tree}`)")
+    ok = all(r.ok for r in rows)
+    console.print("reproduced" if ok else "[red]NOT reproduced[/]")
+    raise typer.Exit(0 if ok else 1)
+
+
+@app.command()
 def server(port: Annotated[int, typer.Option(help="Port on 127.0.0.1.")] = 4200) -> None:
     """Start a Prefect server on 127.0.0.1 (for `imgclf schedule`, deployments and the Prefect UI)."""
     console.print(f"Prefect server on http://127.0.0.1:{port} ; in another shell: "

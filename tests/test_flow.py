@@ -69,7 +69,11 @@ def project(tmp_path_factory) -> tuple[Path, dict[str, str]]:
         "promote.min_accuracy": 0.0, "promote.min_macro_f1": 0.0,
     })
     env = _env(tmp)
-    for cmd in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "copy"]):
+    subprocess.run(["git", "init", "-q"], cwd=dest, check=True, env=env)
+    # A local folder as the DVC remote: runs that register a model push there, `reproduce` pulls from it.
+    subprocess.run([sys.executable, "-m", "dvc", "remote", "add", "-d", "local", str(tmp / "dvc-remote")],
+                   cwd=dest, check=True, env=env, capture_output=True)
+    for cmd in (["git", "add", "-A"], ["git", "commit", "-qm", "copy"]):
         subprocess.run(cmd, cwd=dest, check=True, env=env)
     return dest, env
 
@@ -121,6 +125,18 @@ def test_second_run_with_nothing_changed_trains_and_registers_nothing(project):
     assert "everything up to date" in res.stdout and "already registered" in res.stdout
     assert (root / "models/candidate/model.safetensors").stat().st_mtime_ns == mtime
     assert [v["version"] for v in _versions(root)] == ["1"]
+
+
+def test_registered_run_pushed_its_data_and_reproduces_exactly(project):
+    root, _ = project
+    remote = root.parent / "dvc-remote"
+    assert remote.is_dir() and sum(1 for p in remote.rglob("*") if p.is_file()) > 40  # images + outputs
+    assert _versions(root)[0]["tags"]["dvc.remote"] == "local"
+    res = imgclf(project, "reproduce", "1")
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "exact match required (CPU)" in res.stdout and "reproduced" in res.stdout
+    listed = subprocess.run(["git", "worktree", "list"], cwd=root, capture_output=True, text=True).stdout
+    assert len(listed.strip().splitlines()) == 1  # the temporary worktree is gone
 
 
 def test_approval_mode_leaves_a_passing_candidate_as_challenger(project):
