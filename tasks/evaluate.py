@@ -201,8 +201,8 @@ def slice_attributes(manifest: "pd.DataFrame") -> "pd.DataFrame":
     return frame
 
 
-def slice_metrics(predictions: "pd.DataFrame", attributes: "pd.DataFrame", columns: Sequence[str], *,
-                  min_images: int = 10) -> list[dict[str, Any]]:
+def slice_metrics(predictions: "pd.DataFrame", attributes: "pd.DataFrame",
+                  columns: Sequence[str]) -> list[dict[str, Any]]:
     """Accuracy and macro-F1 for each value of each attribute, with the gap to the overall accuracy."""
     import numpy as np
 
@@ -227,7 +227,7 @@ def slice_metrics(predictions: "pd.DataFrame", attributes: "pd.DataFrame", colum
                 f1s.append(2 * tp / denom if denom else 0.0)
             acc = float(np.mean(hit))
             rows.append({"attribute": column, "value": value, "n": int(len(part)), "accuracy": acc,
-                         "accuracy_delta": acc - overall, "macro_f1": float(np.mean(f1s)), "min_n": min_images})
+                         "accuracy_delta": acc - overall, "macro_f1": float(np.mean(f1s))})
     return rows
 
 
@@ -257,6 +257,7 @@ class Evaluation:
     reliability: dict[str, Any] = field(default_factory=dict)
     model: "nn.Module | None" = None
     spec: "Preprocess | None" = None
+    model_name: str = ""
 
 
 def evaluate(model_dir: Path, test_csv: Path, raw_dir: Path, *, batch_size: int = 256, val_csv: Path | None = None,
@@ -312,7 +313,7 @@ def evaluate(model_dir: Path, test_csv: Path, raw_dir: Path, *, batch_size: int 
     confusion = multiclass_confusion_matrix(pred, targets, num_classes=len(classes)).tolist()
     return Evaluation(metrics=metrics, predictions=predictions, confusion=confusion, classes=classes,
                       logits=logits, images=images, targets=targets, reliability=reliability, model=model,
-                      spec=spec)
+                      spec=spec, model_name=meta["model"])
 
 
 def worst_indices(loss: Sequence[float], n: int) -> list[int]:
@@ -400,82 +401,95 @@ def cross_validation(cfg: EvalConfig, train_cfg: "TrainConfig", *, result: Evalu
     return outcome.summary, outcome.folds, issues
 
 
+LABEL_ISSUE_COLUMNS = ["path", "given_label", "suspected_label", "label_quality", "given_probability",
+                       "suspected_probability"]
+SLICE_COLUMNS = ["attribute", "value", "n", "accuracy", "accuracy_delta", "macro_f1"]
+
+
+def speed(result: Evaluation, *, repeats: int) -> dict[str, Any]:
+    """Eager torch CPU latency per batch of 1 and of 64, and the thread count it was measured with."""
+    import torch
+
+    from tasks.export import torch_latency_ms
+
+    return {"latency_ms_b1": torch_latency_ms(result.model, result.spec, batch=1, repeats=repeats),
+            "latency_ms_b64": torch_latency_ms(result.model, result.spec, batch=64, repeats=repeats),
+            "latency_threads": torch.get_num_threads()}
+
+
+def export(result: Evaluation, cfg: EvalConfig, folder: Path, *, torch_b1: float) -> dict[str, Any]:
+    """models/onnx content: the ONNX file plus the class map and preprocessing to feed it; returns parity."""
+    from tasks.export import check_onnx
+
+    parity = check_onnx(result.model, result.spec, result.images, result.logits, folder / "model.onnx",
+                        opset=cfg.onnx_opset, batch_size=cfg.batch_size, repeats=cfg.latency_repeats,
+                        torch_latency_ms_b1=torch_b1)
+    write_json(folder / "model.json", {
+        "model": result.model_name, "classes": result.classes, "preprocess": result.spec.to_dict(),
+        "input": "float32 N x C x S x S, normalised with preprocess.mean/std", "output": "logits N x K",
+        "opset": cfg.onnx_opset})
+    return parity
+
+
+def draw(result: Evaluation, cfg: EvalConfig, plots: Path) -> str | None:
+    """Every always-present figure and the DVC plot data; returns why Grad-CAM was skipped, if it was."""
+    from tasks.plots import plot_reliability
+
+    m = result.metrics
+    plot_confusion(result.confusion, result.classes, plots / "confusion_matrix.png")
+    plot_confusion(result.confusion, result.classes, plots / "confusion_matrix_normalized.png", normalize=True)
+    plot_reliability(result.reliability["before"], result.reliability["after"], plots / "reliability.png",
+                     ece_before=m["ece_before"], ece_after=m["ece"] if m["temperature"] else None,
+                     temperature=m["temperature"])
+    plot_data(result, plots)
+    return error_gallery(result, plots, n=cfg.worst_n, gradcam=cfg.gradcam)
+
+
 def run(cfg: EvalConfig, *, model_dir: Path, splits_dir: Path, raw_dir: Path, manifest_path: Path | None,
         out: Outputs, train_cfg: "TrainConfig | None" = None, title: str = "imgclf candidate",
         log: Callable[[str], None] = print) -> dict[str, Any]:
     """Evaluate and write every output; returns metrics.json's content. Outputs appear only when complete."""
+    import shutil
+
     import pandas as pd
 
-    from tasks.export import check_onnx, torch_latency_ms
-    from tasks.plots import plot_reliability
     from tasks.report import render_report
 
+    if cfg.cv_folds and train_cfg is None:
+        raise ValueError("evaluate.cv_folds needs the training recipe (train params)")
+    manifest = (pd.read_csv(manifest_path, dtype={"label": str}) if manifest_path and manifest_path.is_file()
+                else None)
+    if cfg.slices and manifest is None:
+        raise ValueError(f"evaluate.slices needs the manifest ({manifest_path}); or set evaluate.slices: []")
     result = evaluate(model_dir, splits_dir / "test.csv", raw_dir, batch_size=cfg.batch_size,
                       val_csv=splits_dir / "val.csv", temperature_scaling=cfg.temperature_scaling,
                       calibration_bins=cfg.calibration_bins, bootstrap_samples=cfg.bootstrap_samples, seed=cfg.seed)
     m = result.metrics
-    manifest = (pd.read_csv(manifest_path, dtype={"label": str}) if manifest_path and manifest_path.is_file()
-                else None)
-    slices: list[dict[str, Any]] = []
-    if cfg.slices:
-        if manifest is None:
-            raise ValueError(f"evaluate.slices needs the manifest ({manifest_path}); set evaluate.slices: []")
-        slices = slice_metrics(result.predictions, slice_attributes(manifest), cfg.slices,
-                               min_images=cfg.slice_min_images)
+    slices = (slice_metrics(result.predictions, slice_attributes(manifest), cfg.slices)
+              if cfg.slices else [])
     m["worst_slice"] = worst_slice(slices, min_images=cfg.slice_min_images)
-
-    import torch
-
-    m["latency_ms_b1"] = torch_latency_ms(result.model, result.spec, batch=1, repeats=cfg.latency_repeats)
-    m["latency_ms_b64"] = torch_latency_ms(result.model, result.spec, batch=64, repeats=cfg.latency_repeats)
-    m["latency_threads"] = torch.get_num_threads()
-
-    onnx_stage = staging_dir(out.onnx_dir)
-    plots = staging_dir(out.plots)
+    m.update(speed(result, repeats=cfg.latency_repeats))
+    onnx_stage, plots = staging_dir(out.onnx_dir), staging_dir(out.plots)
     try:
-        m["onnx"] = check_onnx(result.model, result.spec, result.images, result.logits, onnx_stage / "model.onnx",
-                               opset=cfg.onnx_opset, batch_size=cfg.batch_size, repeats=cfg.latency_repeats,
-                               torch_latency_ms_b1=m["latency_ms_b1"])
-        meta = json.loads((model_dir / "model.json").read_text())
-        write_json(onnx_stage / "model.json", {
-            "classes": meta["classes"], "preprocess": meta["preprocess"], "model": meta["model"],
-            "input": "float32 N x C x S x S, normalised with preprocess.mean/std", "output": "logits N x K",
-            "opset": cfg.onnx_opset})
-
-        plot_confusion(result.confusion, result.classes, plots / "confusion_matrix.png")
-        plot_confusion(result.confusion, result.classes, plots / "confusion_matrix_normalized.png", normalize=True)
-        plot_reliability(result.reliability["before"], result.reliability["after"], plots / "reliability.png",
-                         ece_before=m["ece_before"], ece_after=m["ece"] if m["temperature"] else None,
-                         temperature=m["temperature"])
-        plot_data(result, plots)
-        gradcam_note = error_gallery(result, plots, n=cfg.worst_n, gradcam=cfg.gradcam)
-
+        m["onnx"] = export(result, cfg, onnx_stage, torch_b1=m["latency_ms_b1"])
+        gradcam_note = draw(result, cfg, plots)
         folds: list[dict[str, Any]] = []
-        issues = None
+        issues = pd.DataFrame(columns=LABEL_ISSUE_COLUMNS)
         if cfg.cv_folds:
-            if train_cfg is None:
-                raise ValueError("evaluate.cv_folds needs the training recipe (train params)")
             m["cv"], folds, issues = cross_validation(cfg, train_cfg, result=result, splits_dir=splits_dir,
                                                       raw_dir=raw_dir, manifest=manifest, plots=plots, log=log)
         m["status"] = "ok"
         html = render_report(title=title, metrics=m, slices=slices, plots_dir=plots, gradcam_note=gradcam_note,
-                             cv_folds=folds, label_issues=None if issues is None else issues.to_dict("records"))
+                             cv_folds=folds, label_issues=issues.to_dict("records") if cfg.cv_folds else None)
     except BaseException:
-        import shutil
-
         shutil.rmtree(onnx_stage, ignore_errors=True)
         shutil.rmtree(plots, ignore_errors=True)
         raise
     replace_dir(onnx_stage, out.onnx_dir)
     replace_dir(plots, out.plots)
     write_text(out.predictions, result.predictions.to_csv(index=False))
-    slice_columns = ["attribute", "value", "n", "accuracy", "accuracy_delta", "macro_f1"]
-    write_text(out.slices, pd.DataFrame(slices, columns=slice_columns + ["min_n"])[slice_columns]
-               .to_csv(index=False))
-    label_columns = ["path", "given_label", "suspected_label", "label_quality", "given_probability",
-                     "suspected_probability"]
-    write_text(out.label_issues, (issues if issues is not None else pd.DataFrame(columns=label_columns))
-               .to_csv(index=False))
+    write_text(out.slices, pd.DataFrame(slices, columns=SLICE_COLUMNS).to_csv(index=False))
+    write_text(out.label_issues, issues.to_csv(index=False))
     write_text(out.report, html)
     write_json(out.metrics, m)  # last: its presence means every other output is complete
     return m

@@ -118,7 +118,7 @@ def _slices(slices: list[dict[str, Any]], m: dict[str, Any]) -> str:
     if not slices:
         return "<p class='note'>No slice attributes configured (<code>evaluate.slices</code>).</p>"
     rows = sorted(slices, key=lambda r: (r["attribute"], r["accuracy"]))
-    css = {i: "bad" for i, r in enumerate(rows) if r["accuracy_delta"] < -0.05 and r["n"] >= r.get("min_n", 1)}
+    css = {i: "bad" for i, r in enumerate(rows) if r["accuracy_delta"] < -0.05}
     worst = m.get("worst_slice")
     lead = (f"<p>Lowest-accuracy slice with enough images: <b>{escape(worst['attribute'])} = "
             f"{escape(str(worst['value']))}</b> ({worst['accuracy']:.4f} on {worst['n']} images, overall "

@@ -119,7 +119,7 @@ def test_slice_metrics_reveal_a_regression_hidden_in_the_average():
     preds["prediction"] = preds["label"]
     wrong = preds["path"].str.contains("phone") & preds["path"].str.endswith(("0.png", "1.png", "2.png", "3.png"))
     preds.loc[wrong, "prediction"] = preds.loc[wrong, "label"].map({"a": "b", "b": "a"})
-    rows = slice_metrics(preds, slice_attributes(manifest), ["folder", "format", "size_bucket"], min_images=5)
+    rows = slice_metrics(preds, slice_attributes(manifest), ["folder", "format", "size_bucket"])
     by = {(r["attribute"], r["value"]): r for r in rows}
     assert by[("folder", "phone")]["accuracy"] == pytest.approx(0.6)
     assert by[("folder", "scanner")]["accuracy"] == pytest.approx(1.0)
