@@ -100,13 +100,13 @@ class EvaluateParams(_Section):
     onnx_opset: int = Field(17, ge=9)
     cv_folds: int = Field(0, ge=0)
     cv_group_column: str | None = "group"
+    cv_val_fraction: float = Field(0.1, gt=0, lt=0.5)
     label_issues_max: int = Field(24, ge=1)
 
     @model_validator(mode="after")
     def _folds(self) -> "EvaluateParams":
-        if self.cv_folds in (1, 2):
-            raise ValueError("evaluate.cv_folds must be 0 (off) or at least 3: one fold tests, the next picks "
-                             "the best epoch, the rest train")
+        if self.cv_folds == 1:
+            raise ValueError("evaluate.cv_folds must be 0 (off) or at least 2")
         return self
 
 

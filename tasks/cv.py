@@ -35,36 +35,50 @@ class CVResult:
     grouped: bool
 
 
+def _splitter(k: int, seed: int, grouped: bool):
+    from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
+
+    return (StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed) if grouped
+            else StratifiedKFold(n_splits=k, shuffle=True, random_state=seed))
+
+
 def assign_folds(labels: Sequence[str], *, k: int, seed: int, groups: Sequence[Any] | None = None) -> "np.ndarray":
     """Fold number per row: stratified by label, and with every group (duplicates) inside one fold."""
     import numpy as np
-    from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 
     y = np.asarray(labels)
     counts = np.unique(y, return_counts=True)[1]
-    if k < 3:
-        raise ValueError(f"cross-validation needs at least 3 folds (one tests, one validates), got {k}")
+    if k < 2:
+        raise ValueError(f"cross-validation needs at least 2 folds, got {k}")
     if counts.min() < k:
         raise ValueError(f"evaluate.cv_folds={k} needs at least {k} images per class; the smallest class has "
                          f"{counts.min()}")
-    splitter = (StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed) if groups is not None
-                else StratifiedKFold(n_splits=k, shuffle=True, random_state=seed))
     fold_of = np.full(len(y), -1)
-    for i, (_, test_idx) in enumerate(splitter.split(np.zeros(len(y)), y, groups)):
+    for i, (_, test_idx) in enumerate(_splitter(k, seed, groups is not None).split(np.zeros(len(y)), y, groups)):
         fold_of[test_idx] = i
     return fold_of
 
 
-def make_folds(fold_of: "np.ndarray") -> list[Fold]:
-    """Fold i tests, fold i+1 (mod k) picks the best epoch, the rest train: no fold sees its own test data."""
+def make_folds(fold_of: "np.ndarray", labels: Sequence[str], *, seed: int, groups: Sequence[Any] | None = None,
+               val_fraction: float = 0.1) -> list[Fold]:
+    """Fold i tests; a stratified, group-aware val_fraction of the other folds picks the best epoch; the rest
+    trains. No model sees its own test fold, neither for training nor for choosing the epoch."""
+    import warnings
+
     import numpy as np
 
-    k = int(fold_of.max()) + 1
+    y = np.asarray(labels)
+    g = np.asarray(groups, dtype=object) if groups is not None else None
+    inner_k = max(2, round(1 / val_fraction))
     out = []
-    for i in range(k):
-        val_fold = (i + 1) % k
-        out.append(Fold(fold=i, test=np.flatnonzero(fold_of == i), val=np.flatnonzero(fold_of == val_fold),
-                        train=np.flatnonzero((fold_of != i) & (fold_of != val_fold))))
+    for i in range(int(fold_of.max()) + 1):
+        rest = np.flatnonzero(fold_of != i)
+        with warnings.catch_warnings():  # tiny classes: sklearn warns that some inner folds lack them
+            warnings.simplefilter("ignore", UserWarning)
+            train_pos, val_pos = next(_splitter(inner_k, seed + i, g is not None)
+                                      .split(np.zeros(len(rest)), y[rest], None if g is None else g[rest]))
+        out.append(Fold(fold=i, test=np.flatnonzero(fold_of == i), val=np.sort(rest[val_pos]),
+                        train=np.sort(rest[train_pos])))
     return out
 
 
@@ -80,7 +94,7 @@ def summarise(folds: list[dict[str, Any]], keys: Sequence[str]) -> dict[str, dic
 def cross_validate(images: "torch.Tensor", targets: "torch.Tensor", classes: list[str], spec: "Preprocess",
                    cfg: "TrainConfig", *, k: int, groups: Sequence[Any] | None = None,
                    metrics_fn: Callable[["torch.Tensor", "torch.Tensor", list[str]], dict[str, Any]],
-                   batch_size: int = 256, on_fold: Callable[[dict[str, Any]], None] | None = None) -> CVResult:
+                   val_fraction: float = 0.1, batch_size: int = 256, on_fold: Callable[[dict[str, Any]], None] | None = None) -> CVResult:
     """Train one model per fold with the training recipe; score each on its held-out fold."""
     import torch
 
@@ -88,10 +102,11 @@ def cross_validate(images: "torch.Tensor", targets: "torch.Tensor", classes: lis
     from tasks.predict import predict_proba
     from tasks.train import fit, seed_everything
 
-    fold_of = assign_folds([classes[i] for i in targets.tolist()], k=k, seed=cfg.seed, groups=groups)
+    labels = [classes[i] for i in targets.tolist()]
+    fold_of = assign_folds(labels, k=k, seed=cfg.seed, groups=groups)
     oof = torch.zeros(len(targets), len(classes))
     rows: list[dict[str, Any]] = []
-    for fold in make_folds(fold_of):
+    for fold in make_folds(fold_of, labels, seed=cfg.seed, groups=groups, val_fraction=val_fraction):
         seed_everything(cfg.seed + fold.fold)
         model = build_model(cfg.model, num_classes=len(classes), in_channels=spec.channels)
         pick = lambda idx: (images[idx], targets[idx])  # noqa: E731

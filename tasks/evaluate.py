@@ -79,6 +79,7 @@ class EvalConfig:
     onnx_opset: int = 17
     cv_folds: int = 0
     cv_group_column: str | None = "group"
+    cv_val_fraction: float = 0.1
     label_issues_max: int = 24
     seed: int = 42
 
@@ -91,6 +92,7 @@ def config_from_params(params: Any) -> EvalConfig:
                       worst_n=e.worst_n, gradcam=e.gradcam, slices=tuple(e.slices),
                       slice_min_images=e.slice_min_images, latency_repeats=e.latency_repeats,
                       onnx_opset=e.onnx_opset, cv_folds=e.cv_folds, cv_group_column=e.cv_group_column,
+                      cv_val_fraction=e.cv_val_fraction,
                       label_issues_max=e.label_issues_max, seed=params.base.seed)
 
 
@@ -386,7 +388,8 @@ def cross_validation(cfg: EvalConfig, train_cfg: "TrainConfig", *, result: Evalu
     images, targets = load_split(pool, raw_dir, result.spec, class_index)
     groups = cv.group_values(pool, manifest, cfg.cv_group_column)
     outcome = cv.cross_validate(images, targets, result.classes, result.spec, train_cfg, k=cfg.cv_folds,
-                                groups=groups, metrics_fn=compute_metrics, batch_size=cfg.batch_size,
+                                groups=groups, metrics_fn=compute_metrics, val_fraction=cfg.cv_val_fraction,
+                                batch_size=cfg.batch_size,
                                 on_fold=lambda r: log(f"cv fold {r['fold']}: accuracy {r['accuracy']:.4f}"))
     plot_cv_folds(outcome.folds, plots / "cv_folds.png")
     issues = cv.label_issues(pool["path"].tolist(), targets, outcome.oof_probs, result.classes,

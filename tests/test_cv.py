@@ -29,20 +29,31 @@ def test_duplicate_groups_never_straddle_folds():
         assert len({f for f, gg in zip(fold_of, groups) if gg == g}) == 1
 
 
-def test_each_fold_tests_once_and_validates_on_the_next():
-    fold_of = np.array([0, 1, 2, 0, 1, 2, 0, 1, 2])
-    folds = make_folds(fold_of)
+def test_each_fold_tests_once_and_picks_its_epoch_on_a_slice_of_the_other_folds():
+    labels = ["a", "b", "c"] * 20
+    fold_of = assign_folds(labels, k=3, seed=0)
+    folds = make_folds(fold_of, labels, seed=0, val_fraction=0.2)
     assert [f.fold for f in folds] == [0, 1, 2]
     for f in folds:
         parts = [set(f.train), set(f.val), set(f.test)]
-        assert set().union(*parts) == set(range(9)) and sum(map(len, parts)) == 9
-        assert set(f.val) == set(np.flatnonzero(fold_of == (f.fold + 1) % 3))
-    assert sorted(np.concatenate([f.test for f in folds]).tolist()) == list(range(9))
+        assert set().union(*parts) == set(range(60)) and sum(map(len, parts)) == 60  # disjoint, complete
+        assert set(f.test) == set(np.flatnonzero(fold_of == f.fold))
+        assert len(f.val) == 8 and sorted({labels[i] for i in f.val}) == ["a", "b", "c"]  # 20% of 40, stratified
+    assert sorted(np.concatenate([f.test for f in folds]).tolist()) == list(range(60))
+
+
+def test_inner_validation_keeps_groups_together_too():
+    labels = ["a", "b"] * 30
+    groups = [i // 2 for i in range(60)]  # pairs of duplicates (one a, one b)
+    fold_of = assign_folds(labels, k=3, seed=0, groups=groups)
+    for f in make_folds(fold_of, labels, seed=0, groups=groups, val_fraction=0.25):
+        assert not {groups[i] for i in f.val} & {groups[i] for i in f.train}
+        assert not {groups[i] for i in f.test} & ({groups[i] for i in f.train} | {groups[i] for i in f.val})
 
 
 def test_too_few_folds_or_images_is_a_clear_error():
-    with pytest.raises(ValueError, match="at least 3 folds"):
-        assign_folds(["a", "b"] * 5, k=2, seed=0)
+    with pytest.raises(ValueError, match="at least 2 folds"):
+        assign_folds(["a", "b"] * 5, k=1, seed=0)
     with pytest.raises(ValueError, match="smallest class has 2"):
         assign_folds(["a"] * 5 + ["b"] * 2, k=3, seed=0)
 

@@ -245,3 +245,16 @@ def test_a_failing_run_leaves_the_previous_outputs_alone(tmp_path: Path, monkeyp
             raw_dir=p["raw"], manifest_path=p["manifest"], out=out, log=lambda _: None)
     assert (out.plots / "old.png").read_bytes() == b"old" and not out.metrics.exists()
     assert sorted(q.name for q in tmp_path.iterdir()) == ["manifest.csv", "model", "raw", "reports", "splits"]
+
+
+def test_evaluate_params_are_validated_and_off_by_default():
+    from tasks.config import ParamsError, load_params
+
+    repo = Path(__file__).resolve().parent.parent / "params.yaml"
+    params = load_params(repo)
+    assert params.evaluate.cv_folds == 0  # cross-validation trains k models: never on by default
+    assert EvalConfig().slices == tuple(params.evaluate.slices)
+    with pytest.raises(ParamsError, match="evaluate.cv_folds"):
+        load_params(repo, {"evaluate.cv_folds": 1})
+    with pytest.raises(ParamsError, match="evaluate.nope"):
+        load_params(repo, {"evaluate.nope": 1})
