@@ -94,7 +94,8 @@ def summarise(folds: list[dict[str, Any]], keys: Sequence[str]) -> dict[str, dic
 def cross_validate(images: "torch.Tensor", targets: "torch.Tensor", classes: list[str], spec: "Preprocess",
                    cfg: "TrainConfig", *, k: int, groups: Sequence[Any] | None = None,
                    metrics_fn: Callable[["torch.Tensor", "torch.Tensor", list[str]], dict[str, Any]],
-                   val_fraction: float = 0.1, batch_size: int = 256, on_fold: Callable[[dict[str, Any]], None] | None = None) -> CVResult:
+                   val_fraction: float = 0.1, batch_size: int = 256,
+                   on_fold: Callable[[dict[str, Any]], None] | None = None) -> CVResult:
     """Train one model per fold with the training recipe; score each on its held-out fold."""
     import torch
 

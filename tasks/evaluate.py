@@ -363,7 +363,8 @@ def error_gallery(result: Evaluation, plots: Path, *, n: int, gradcam: bool, bat
         return "Grad-CAM is switched off (evaluate.gradcam: false)."
     layer = target_layer(result.model)
     if layer is None:
-        return "Grad-CAM needs a convolutional layer; this model has none (e.g. a Vision Transformer)."
+        return ("Grad-CAM is drawn for CNNs only; this model has no convolutional feature map "
+                "(e.g. a Vision Transformer).")
     if not idx:
         return "No test images."
     pred_idx = result.logits[idx].argmax(1)

@@ -10,10 +10,14 @@ if TYPE_CHECKING:
 
 
 def target_layer(model: "nn.Module") -> "nn.Module | None":
-    """The last Conv2d of a model (the usual Grad-CAM layer), or None for models without one (e.g. ViT)."""
+    """The last Conv2d of a CNN (the usual Grad-CAM layer); None for models without convolutions and for
+    attention models (ViT's only Conv2d is its patch embedding, where Grad-CAM says nothing useful)."""
     from torch import nn
 
-    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    modules = list(model.modules())
+    if any("Attention" in type(m).__name__ for m in modules):
+        return None
+    convs = [m for m in modules if isinstance(m, nn.Conv2d)]
     return convs[-1] if convs else None
 
 

@@ -131,8 +131,8 @@ def _slices(slices: list[dict[str, Any]], m: dict[str, Any]) -> str:
 
 def _cv(cv: dict[str, Any] | None, folds: list[dict[str, Any]], plot: Path | None) -> str:
     if not cv:
-        return ("<p class='note'>Off (<code>evaluate.cv_folds: 0</code>). Set it to k ≥ 2 (e.g. 5) to train k models on "
-                "stratified folds of all images and report each metric as mean ± standard deviation.</p>")
+        return ("<p class='note'>Off (<code>evaluate.cv_folds: 0</code>). Set it to k ≥ 2 (e.g. 5) to train k "
+                "models on stratified folds of all images and report each metric as mean ± standard deviation.</p>")
     keys = [k for k, v in cv.items() if isinstance(v, dict)]
     rows = [{"metric": k, "mean": cv[k]["mean"], "std": cv[k]["std"]} for k in keys]
     grouped = "groups kept together" if cv.get("grouped") else "no duplicate groups in the manifest"

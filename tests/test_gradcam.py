@@ -34,6 +34,8 @@ def test_target_layer_is_the_last_conv_or_none():
     cnn = build_model("smallcnn", num_classes=3, in_channels=1)
     assert target_layer(cnn) is [m for m in cnn.modules() if isinstance(m, nn.Conv2d)][-1]
     assert target_layer(nn.Sequential(nn.Flatten(), nn.Linear(4, 2))) is None
+    patchify = nn.Sequential(nn.Conv2d(3, 8, 4, 4), nn.Flatten(2), nn.MultiheadAttention(8, 2))
+    assert target_layer(patchify) is None  # a ViT-like model: its conv is only the patch embedding
 
 
 def test_grad_cam_leaves_the_model_clean():
