@@ -69,10 +69,11 @@ def make_folds(fold_of: "np.ndarray", labels: Sequence[str], *, seed: int, group
 
     y = np.asarray(labels)
     g = np.asarray(groups, dtype=object) if groups is not None else None
-    inner_k = max(2, round(1 / val_fraction))
     out = []
     for i in range(int(fold_of.max()) + 1):
         rest = np.flatnonzero(fold_of != i)
+        # Tiny data: fewer inner splits (a bigger validation share) rather than a class-less validation set.
+        inner_k = max(2, min(round(1 / val_fraction), int(np.unique(y[rest], return_counts=True)[1].max())))
         with warnings.catch_warnings():  # tiny classes: sklearn warns that some inner folds lack them
             warnings.simplefilter("ignore", UserWarning)
             train_pos, val_pos = next(_splitter(inner_k, seed + i, g is not None)
@@ -127,26 +128,35 @@ def cross_validate(images: "torch.Tensor", targets: "torch.Tensor", classes: lis
 
 
 
+LABEL_ISSUE_COLUMNS = ["path", "given_label", "suspected_label", "flagged", "label_quality", "given_probability",
+                       "suspected_probability"]
+
+
 def label_issues(paths: Sequence[str], targets: "torch.Tensor", oof_probs: "torch.Tensor", classes: list[str], *,
                  limit: int) -> "pd.DataFrame":
-    """Images whose given label is likely wrong (cleanlab's confident learning), most suspicious first."""
+    """The images most likely to be mislabelled, most suspicious first: those cleanlab's confident learning
+    flags (`flagged`), then the lowest label-quality scores, up to limit. The suspected label is the most
+    probable label other than the given one."""
     import numpy as np
     import pandas as pd
     from cleanlab.filter import find_label_issues
     from cleanlab.rank import get_label_quality_scores
 
-    columns = ["path", "given_label", "suspected_label", "label_quality", "given_probability",
-               "suspected_probability"]
     y = targets.numpy()
     probs = oof_probs.numpy().astype(np.float64)
     probs = probs / probs.sum(1, keepdims=True)
-    order = find_label_issues(y, probs, return_indices_ranked_by="self_confidence")
+    flagged = [int(i) for i in find_label_issues(y, probs, return_indices_ranked_by="self_confidence")]
     quality = get_label_quality_scores(y, probs)
-    suspected = probs.argmax(1)
+    is_flagged = set(flagged)
+    order = [*flagged, *(int(i) for i in np.argsort(quality, kind="stable") if int(i) not in is_flagged)][:limit]
+    others = probs.copy()
+    others[np.arange(len(y)), y] = -1.0
+    suspected = others.argmax(1)
     rows = [{"path": paths[i], "given_label": classes[y[i]], "suspected_label": classes[suspected[i]],
-             "label_quality": float(quality[i]), "given_probability": float(probs[i, y[i]]),
-             "suspected_probability": float(probs[i, suspected[i]])} for i in order[:limit]]
-    return pd.DataFrame(rows, columns=columns)
+             "flagged": i in is_flagged, "label_quality": float(quality[i]),
+             "given_probability": float(probs[i, y[i]]), "suspected_probability": float(probs[i, suspected[i]])}
+            for i in order]
+    return pd.DataFrame(rows, columns=LABEL_ISSUE_COLUMNS)
 
 
 def group_values(frame: "pd.DataFrame", manifest: "pd.DataFrame | None", column: str | None) -> list[Any] | None:

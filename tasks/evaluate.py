@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
+from tasks.cv import LABEL_ISSUE_COLUMNS
 from tasks.io import replace_dir, sha256_file, staging_dir, write_json, write_text
 from tasks.plots import plot_confusion  # noqa: F401  (public: the confusion figure lives with the plots)
 
@@ -398,15 +399,14 @@ def cross_validation(cfg: EvalConfig, train_cfg: "TrainConfig", *, result: Evalu
     if len(issues):
         at = {p: i for i, p in enumerate(pool["path"])}
         shown = [at[p] for p in issues["path"]]
-        titles = [f"given {g}\nsuspect {s} ({q:.2f})" for g, s, q in
-                  zip(issues["given_label"], issues["suspected_label"], issues["suspected_probability"])]
+        titles = [f"{'FLAGGED ' if f else ''}given {g}\nsuspect {s} (p={q:.2f})" for g, s, q, f in
+                  zip(issues["given_label"], issues["suspected_label"], issues["suspected_probability"],
+                      issues["flagged"])]
         plot_gallery(images[shown].numpy(), titles, plots / "label_issues.png",
-                     suptitle="Suspected label errors (out-of-fold confident learning); not corrected")
+                     suptitle="Most likely mislabelled (out-of-fold confident learning); nothing was changed")
     return outcome.summary, outcome.folds, issues
 
 
-LABEL_ISSUE_COLUMNS = ["path", "given_label", "suspected_label", "label_quality", "given_probability",
-                       "suspected_probability"]
 SLICE_COLUMNS = ["attribute", "value", "n", "accuracy", "accuracy_delta", "macro_f1"]
 
 
@@ -478,7 +478,7 @@ def run(cfg: EvalConfig, *, model_dir: Path, splits_dir: Path, raw_dir: Path, ma
         m["onnx"] = export(result, cfg, onnx_stage, torch_b1=m["latency_ms_b1"])
         gradcam_note = draw(result, cfg, plots)
         folds: list[dict[str, Any]] = []
-        issues = pd.DataFrame(columns=LABEL_ISSUE_COLUMNS)
+        issues = pd.DataFrame(columns=LABEL_ISSUE_COLUMNS)  # header only when cross-validation is off
         if cfg.cv_folds:
             m["cv"], folds, issues = cross_validation(cfg, train_cfg, result=result, splits_dir=splits_dir,
                                                       raw_dir=raw_dir, manifest=manifest, plots=plots, log=log)

@@ -146,13 +146,16 @@ def _labels(issues: list[dict[str, Any]] | None, gallery: Path | None) -> str:
     if issues is None:
         return ("<p class='note'>Needs out-of-fold predictions: turn on cross-validation "
                 "(<code>evaluate.cv_folds</code>).</p>")
-    if not issues:
-        return "<p class='good'>Confident learning found no likely label errors.</p>"
-    return ("<p>Images whose given label is probably wrong (confident learning on out-of-fold predictions). "
-            "Reported for a person to check — nothing is changed.</p>"
-            + figure(gallery, "suspected label errors")
-            + table(issues, ["path", "given_label", "suspected_label", "label_quality", "suspected_probability"],
-                    left=["path", "given_label", "suspected_label"]))
+    n_flagged = sum(bool(r["flagged"]) for r in issues)
+    verdict = (f"<p class='bad'>{n_flagged} image(s) flagged as probably mislabelled.</p>" if n_flagged else
+               "<p class='good'>Confident learning flagged no image; below are the lowest label-quality scores, "
+               "worth a glance.</p>")
+    return (verdict + "<p>Confident learning (cleanlab) on out-of-fold predictions: flagged images first, then the "
+            "lowest label-quality scores. Reported for a person to check — nothing is changed.</p>"
+            + figure(gallery, "most likely mislabelled images")
+            + table(issues, ["path", "given_label", "suspected_label", "flagged", "label_quality",
+                             "suspected_probability"], left=["path", "given_label", "suspected_label", "flagged"],
+                    css={i: "bad" for i, r in enumerate(issues) if r["flagged"]}))
 
 
 def _speed(m: dict[str, Any]) -> str:

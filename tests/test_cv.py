@@ -108,7 +108,9 @@ def test_label_issues_flag_flipped_labels_and_change_nothing():
     targets = torch.tensor(given)
     paths = [f"img{i}.png" for i in range(n)]
     issues = label_issues(paths, targets, torch.tensor(probs, dtype=torch.float32), ["a", "b", "c"], limit=10)
-    assert set(issues["path"]) == {f"img{i}.png" for i in flipped}
+    assert len(issues) == 10 and issues["flagged"].tolist() == [True] * 6 + [False] * 4
+    assert set(issues["path"][:6]) == {f"img{i}.png" for i in flipped}
+    assert issues["label_quality"][6:].is_monotonic_increasing
     row = issues.set_index("path").loc["img5.png"]
     assert row["given_label"] == ["a", "b", "c"][given[5]]
     assert row["suspected_label"] == ["a", "b", "c"][truth[5]]

@@ -75,11 +75,12 @@ def test_cross_validation_results_reach_metrics_and_outputs(report):
     cv = metrics["cv"]
     assert cv["folds"] == 3 and cv["n"] == 27 and set(cv["accuracy"]) == {"mean", "std"}
     issues = pd.read_csv(path.parent / "label_issues.csv")
-    assert list(issues.columns) == ["path", "given_label", "suspected_label", "label_quality",
+    assert list(issues.columns) == ["path", "given_label", "suspected_label", "flagged", "label_quality",
                                     "given_probability", "suspected_probability"]
+    assert (issues["given_label"] != issues["suspected_label"]).all()
+    assert len(issues) == 24  # evaluate.label_issues_max: flagged first, then the lowest label quality
     assert (path.parent / "plots" / "cv_folds.png").is_file()
-    if len(issues):
-        assert (path.parent / "plots" / "label_issues.png").is_file()
+    assert (path.parent / "plots" / "label_issues.png").is_file()
 
 
 def test_report_is_self_contained_with_every_section(report):
