@@ -14,7 +14,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export DVC_NO_ANALYTICS := 1
 export HF_HUB_OFFLINE := 1
 
-.PHONY: help venv run test test-fast bench ui lock clean
+.PHONY: help venv run test test-fast bench ui lock clean chromium
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -31,10 +31,13 @@ venv: $(STAMP)  ## create .venv from requirements.lock (done by run/test when ne
 run: $(STAMP)  ## one retraining run of the whole flow (ARGS="--set train.epochs=5" to override)
 	$(BIN)/imgclf run $(ARGS)
 
-test: $(STAMP)  ## the whole test suite, offline
+test: $(STAMP) chromium  ## the whole test suite, offline
 	$(BIN)/python -m pytest $(ARGS)
 
-test-fast: $(STAMP)  ## unit tests only (skips the end-to-end flow runs)
+chromium:  ## headless Chromium for the report screenshot test (installed with apt-get when missing)
+	@command -v chromium >/dev/null || (apt-get update && apt-get install -y --no-install-recommends chromium)
+
+test-fast: $(STAMP) chromium  ## unit tests only (skips the end-to-end flow runs)
 	$(BIN)/python -m pytest -m "not slow" $(ARGS)
 
 bench: $(STAMP)  ## benchmarks: printed and written to bench/results/

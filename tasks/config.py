@@ -121,6 +121,25 @@ class TrainParams(_Section):
 
 class EvaluateParams(_Section):
     batch_size: int = Field(256, ge=1)
+    bootstrap_samples: int = Field(1000, ge=100)
+    calibration_bins: int = Field(15, ge=2, le=100)
+    temperature_scaling: bool = True
+    worst_n: int = Field(18, ge=0, le=200)
+    gradcam: bool = True
+    slices: list[str] = ["format", "mode", "size_bucket", "folder"]
+    slice_min_images: int = Field(10, ge=1)
+    latency_repeats: int = Field(20, ge=1)
+    onnx_opset: int = Field(17, ge=9)
+    cv_folds: int = Field(0, ge=0)
+    cv_group_column: str | None = "group"
+    cv_val_fraction: float = Field(0.1, gt=0, lt=0.5)
+    label_issues_max: int = Field(24, ge=1)
+
+    @model_validator(mode="after")
+    def _folds(self) -> "EvaluateParams":
+        if self.cv_folds == 1:
+            raise ValueError("evaluate.cv_folds must be 0 (off) or at least 2")
+        return self
 
 
 class RegisterParams(_Section):

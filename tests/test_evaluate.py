@@ -1,15 +1,35 @@
-"""Metrics on hand-computable inputs, and the evaluate core on a saved model."""
+"""Metrics on hand-computable inputs, slices, the evaluate core, and the whole stage on a tiny saved model."""
 
+import json
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
 from PIL import Image
 
-from tasks.evaluate import compute_metrics, evaluate, plot_confusion
+from tasks.evaluate import (
+    EvalConfig,
+    Outputs,
+    bootstrap_ci,
+    compute_metrics,
+    evaluate,
+    flat_metrics,
+    plot_confusion,
+    run,
+    size_bucket,
+    slice_attributes,
+    slice_metrics,
+    worst_indices,
+    worst_slice,
+)
 from tasks.models import build_model, save_model
 from tasks.preprocess import Preprocess
+
+CONTRACT_KEYS = {"accuracy", "macro_f1", "top5_accuracy", "weighted_f1", "macro_precision", "macro_recall",
+                 "roc_auc_ovr", "ece", "ece_before", "accuracy_ci95", "macro_f1_ci95", "n_test", "test_hash",
+                 "per_class", "latency_ms_b1", "latency_ms_b64", "onnx", "status"}
 
 
 def test_compute_metrics_matches_a_hand_count():
@@ -22,30 +42,149 @@ def test_compute_metrics_matches_a_hand_count():
     assert m["per_class"]["cat"]["precision"] == pytest.approx(0.5)
     assert m["per_class"]["dog"]["recall"] == pytest.approx(2 / 3)
     assert m["macro_f1"] == pytest.approx((2 / 3 + 0.8) / 2)
+    assert m["macro_precision"] == pytest.approx(0.75) and m["macro_recall"] == pytest.approx((1 + 2 / 3) / 2)
+    assert m["weighted_f1"] == pytest.approx((2 / 3 * 1 + 0.8 * 3) / 4)
     assert m["per_class"]["dog"]["support"] == 3 and m["n_test"] == 4
+    # AUC for "dog" scores: positives .2 .7 .9 vs negative .1 -> every pair ranked right
+    assert m["roc_auc_ovr"] == pytest.approx(1.0)
+    assert m["top5_accuracy"] == pytest.approx(1.0)  # k=2 < 5: top-k is capped at the class count
 
 
-def test_evaluate_scores_every_test_image_and_writes_a_confusion_png(tmp_path: Path):
+def test_top5_accuracy_counts_a_hit_anywhere_in_the_five_best():
+    probs = torch.eye(7)[[6, 6]] * 0.5 + torch.tensor([0.0, 0.1, 0.09, 0.08, 0.07, 0.06, 0.0]) * 0.1
+    # target 1 is in the top five for both rows, target 0 never is
+    assert compute_metrics(probs, torch.tensor([1, 1]), list("abcdefg"))["top5_accuracy"] == pytest.approx(1.0)
+    assert compute_metrics(probs, torch.tensor([0, 0]), list("abcdefg"))["top5_accuracy"] == pytest.approx(0.0)
+
+
+def test_roc_auc_leaves_out_classes_without_test_images():
+    probs = torch.tensor([[0.8, 0.1, 0.1], [0.2, 0.7, 0.1], [0.6, 0.3, 0.1]])
+    m = compute_metrics(probs, torch.tensor([0, 1, 0]), ["a", "b", "c"])
+    assert m["roc_auc_ovr"] == pytest.approx(1.0)
+
+
+def test_bootstrap_interval_brackets_the_estimate_and_shrinks_with_more_data():
+    rng = np.random.default_rng(0)
+    targets = rng.integers(0, 3, 400)
+    pred = np.where(rng.random(400) < 0.8, targets, (targets + 1) % 3)
+    small = bootstrap_ci(pred[:50], targets[:50], 3, samples=500, seed=1)
+    big = bootstrap_ci(pred, targets, 3, samples=500, seed=1)
+    acc = (pred == targets).mean()
+    assert big["accuracy"][0] < acc < big["accuracy"][1]
+    assert big["accuracy"][1] - big["accuracy"][0] < small["accuracy"][1] - small["accuracy"][0]
+    assert 0 <= big["macro_f1"][0] <= big["macro_f1"][1] <= 1
+    assert bootstrap_ci(pred, targets, 3, samples=500, seed=1) == big  # seeded
+    perfect = bootstrap_ci(targets, targets, 3, samples=200)
+    assert perfect == {"accuracy": [1.0, 1.0], "macro_f1": [1.0, 1.0]}
+
+
+def test_bootstrap_macro_f1_agrees_with_torchmetrics_on_the_full_sample():
+    # With one "resample" equal to the data itself the interval collapses onto the point estimate.
+    targets = np.array([0, 1, 1, 1, 2, 2])
+    pred = np.array([0, 0, 1, 1, 2, 1])
+    m = compute_metrics(torch.nn.functional.one_hot(torch.tensor(pred), 3).float(), torch.tensor(targets),
+                        ["a", "b", "c"])
+
+    class Identity:
+        def integers(self, low, high, size):
+            return np.tile(np.arange(high), (size[0], 1))
+
+    import tasks.evaluate as ev
+
+    real = np.random.default_rng
+    try:
+        np.random.default_rng = lambda seed=None: Identity()  # type: ignore[assignment]
+        ci = ev.bootstrap_ci(pred, targets, 3, samples=3)
+    finally:
+        np.random.default_rng = real
+    assert ci["macro_f1"][0] == pytest.approx(m["macro_f1"])
+    assert ci["accuracy"][0] == pytest.approx(m["accuracy"])
+
+
+def test_size_buckets_use_the_shorter_side():
+    assert size_bucket(16, 500) == "<32"
+    assert size_bucket(32, 32) == "32-63"
+    assert size_bucket(300, 640) == "256-511"
+    assert size_bucket(4000, 3000) == ">=1024"
+    assert size_bucket(float("nan"), 3) == "unknown"
+
+
+def test_slice_metrics_reveal_a_regression_hidden_in_the_average():
+    manifest = pd.DataFrame({
+        "path": [f"{c}/{src}/{i}.png" for c in ("a", "b") for src in ("phone", "scanner") for i in range(10)],
+        "label": [c for c in ("a", "b") for _ in range(20)], "format": "PNG", "mode": "L",
+        "width": 32, "height": 32,
+    })
+    preds = manifest[["path", "label"]].copy()
+    preds["prediction"] = preds["label"]
+    wrong = preds["path"].str.contains("phone") & preds["path"].str.endswith(("0.png", "1.png", "2.png", "3.png"))
+    preds.loc[wrong, "prediction"] = preds.loc[wrong, "label"].map({"a": "b", "b": "a"})
+    rows = slice_metrics(preds, slice_attributes(manifest), ["folder", "format", "size_bucket"])
+    by = {(r["attribute"], r["value"]): r for r in rows}
+    assert by[("folder", "phone")]["accuracy"] == pytest.approx(0.6)
+    assert by[("folder", "scanner")]["accuracy"] == pytest.approx(1.0)
+    assert by[("folder", "phone")]["accuracy_delta"] == pytest.approx(0.6 - 0.8)
+    assert by[("format", "PNG")]["n"] == 40 and by[("size_bucket", "32-63")]["accuracy"] == pytest.approx(0.8)
+    worst = worst_slice(rows, min_images=5)
+    assert (worst["attribute"], worst["value"]) == ("folder", "phone")  # single-valued attributes never win
+    assert worst_slice(rows, min_images=100) is None
+    with pytest.raises(ValueError, match="camera"):
+        slice_metrics(preds, slice_attributes(manifest), ["camera"])
+
+
+def test_worst_indices_are_highest_loss_first():
+    assert worst_indices([0.1, 3.0, 0.5, 3.0], 3) == [1, 3, 2]
+    assert worst_indices([1.0], 0) == []
+
+
+def _tiny_project(tmp_path: Path, *, per_class: int = 6) -> dict[str, Path]:
+    """Two classes (dark/light) of 16x16 images, splits, manifest and an (untrained) saved smallcnn."""
     raw = tmp_path / "raw"
     rows = []
     for label, value in (("dark", 20), ("light", 230)):
         (raw / label).mkdir(parents=True)
-        for i in range(3):
-            Image.new("L", (16, 16), value + i).save(raw / label / f"{i}.png")
+        for i in range(per_class):
+            Image.new("L", (16, 16), value + 3 * i).save(raw / label / f"{i}.png")
             rows.append({"path": f"{label}/{i}.png", "label": label})
-    test_csv = tmp_path / "test.csv"
-    pd.DataFrame(rows).to_csv(test_csv, index=False)
+    frame = pd.DataFrame(rows)
+    splits = tmp_path / "splits"
+    splits.mkdir()
+    frame[frame.index % 3 == 0].to_csv(splits / "test.csv", index=False)
+    frame[frame.index % 3 == 1].to_csv(splits / "val.csv", index=False)
+    frame[frame.index % 3 == 2].to_csv(splits / "train.csv", index=False)
+    manifest = frame.assign(format="PNG", mode="L", width=16, height=16, accepted=True)
+    manifest.to_csv(tmp_path / "manifest.csv", index=False)
     torch.manual_seed(0)
     save_model(tmp_path / "model", build_model("smallcnn", num_classes=2, in_channels=1), name="smallcnn",
                classes=["dark", "light"], preprocess=Preprocess.for_mode("L", 16))
-    result = evaluate(tmp_path / "model", test_csv, raw)
-    assert result.metrics["n_test"] == 6
-    assert 0.0 <= result.metrics["accuracy"] <= 1.0
+    return {"raw": raw, "splits": splits, "model": tmp_path / "model", "manifest": tmp_path / "manifest.csv"}
+
+
+def test_evaluate_scores_every_test_image_and_calibrates_on_validation(tmp_path: Path):
+    p = _tiny_project(tmp_path)
+    result = evaluate(p["model"], p["splits"] / "test.csv", p["raw"], val_csv=p["splits"] / "val.csv",
+                      bootstrap_samples=200)
+    m = result.metrics
+    assert m["n_test"] == 4 and 0.0 <= m["accuracy"] <= 1.0
     assert list(result.predictions.columns) == ["path", "label", "prediction", "probability", "loss"]
-    assert sum(map(sum, result.confusion)) == 6
-    assert len(result.metrics["test_hash"]) == 64
+    assert sum(map(sum, result.confusion)) == 4
+    assert len(m["test_hash"]) == 64
+    assert m["accuracy_ci95"][0] <= m["accuracy"] <= m["accuracy_ci95"][1]
+    assert m["temperature"] > 0 and 0 <= m["ece"] <= 1 and 0 <= m["ece_before"] <= 1
+    # loss is the cross-entropy of the probability given to the true label
+    row = result.predictions.iloc[0]
+    p_true = row["probability"] if row["label"] == row["prediction"] else None
+    if p_true is not None:
+        assert row["loss"] == pytest.approx(-np.log(p_true), rel=1e-4)
     plot_confusion(result.confusion, ["dark", "light"], tmp_path / "cm.png")
     assert Image.open(tmp_path / "cm.png").size[0] > 100
+
+
+def test_without_temperature_scaling_ece_is_the_uncalibrated_one(tmp_path: Path):
+    p = _tiny_project(tmp_path)
+    m = evaluate(p["model"], p["splits"] / "test.csv", p["raw"], val_csv=p["splits"] / "val.csv",
+                 temperature_scaling=False, bootstrap_samples=100).metrics
+    assert m["temperature"] is None and m["ece"] == m["ece_before"]
 
 
 def test_evaluate_refuses_test_labels_the_model_never_saw(tmp_path: Path):
@@ -56,3 +195,66 @@ def test_evaluate_refuses_test_labels_the_model_never_saw(tmp_path: Path):
                classes=["a", "b"], preprocess=Preprocess.for_mode("L", 16))
     with pytest.raises(ValueError, match="zebra"):
         evaluate(tmp_path / "m", tmp_path / "t.csv", tmp_path / "raw")
+
+
+def test_run_writes_every_output_with_the_metrics_contract(tmp_path: Path):
+    p = _tiny_project(tmp_path)
+    out = Outputs(reports=tmp_path / "reports", onnx_dir=tmp_path / "onnx")
+    cfg = EvalConfig(bootstrap_samples=100, latency_repeats=2, worst_n=3, slices=("format", "folder"))
+    m = run(cfg, model_dir=p["model"], splits_dir=p["splits"], raw_dir=p["raw"], manifest_path=p["manifest"],
+            out=out, log=lambda _: None)
+    assert CONTRACT_KEYS <= set(m) and m["status"] == "ok"
+    assert json.loads(out.metrics.read_text()) == json.loads(json.dumps(m))
+    assert isinstance(m["n_test"], int) and len(m["accuracy_ci95"]) == 2 and len(m["macro_f1_ci95"]) == 2
+    assert set(m["per_class"]["dark"]) == {"precision", "recall", "f1", "support"}
+    assert {"top1_agreement", "max_abs_logit_diff", "latency_ms_b1", "torch_latency_ms_b1"} <= set(m["onnx"])
+    assert m["onnx"]["top1_agreement"] == 1.0 and m["onnx"]["max_abs_logit_diff"] < 1e-3
+    assert m["latency_ms_b1"] > 0 and m["latency_ms_b64"] > 0
+    assert "cv" not in m
+    for name in ("confusion_matrix.png", "confusion_matrix_normalized.png", "reliability.png", "worst_loss.png",
+                 "gradcam.png", "confusion.csv", "reliability.csv", "per_class.csv"):
+        assert (out.plots / name).is_file(), name
+    assert list(pd.read_csv(out.predictions).columns)[:5] == ["path", "label", "prediction", "probability", "loss"]
+    assert list(pd.read_csv(out.label_issues).columns)[:3] == ["path", "given_label", "suspected_label"]
+    assert len(pd.read_csv(out.label_issues)) == 0  # cross-validation off: header only
+    assert set(pd.read_csv(out.slices)["attribute"]) == {"format", "folder"}
+    assert (tmp_path / "onnx" / "model.onnx").stat().st_size > 1000
+    assert json.loads((tmp_path / "onnx" / "model.json").read_text())["classes"] == ["dark", "light"]
+    html = out.report.read_text()
+    assert 'id="speed-export"' in html and "data:image/png;base64," in html
+    # nothing half-written is left behind (staging folders are swapped in, temp files renamed)
+    assert not [q for q in tmp_path.rglob(".*") if q.name.startswith(".")]
+    flat = flat_metrics(m)
+    assert flat["test/accuracy"] == m["accuracy"] and "test/onnx/top1_agreement" in flat
+    assert "test/accuracy_ci95_low" in flat and "test/f1/dark" in flat
+
+
+def test_a_failing_run_leaves_the_previous_outputs_alone(tmp_path: Path, monkeypatch):
+    p = _tiny_project(tmp_path)
+    out = Outputs(reports=tmp_path / "reports", onnx_dir=tmp_path / "onnx")
+    (out.plots).mkdir(parents=True)
+    (out.plots / "old.png").write_bytes(b"old")
+    import tasks.export
+
+    def boom(*a, **k):
+        raise RuntimeError("export failed")
+
+    monkeypatch.setattr(tasks.export, "check_onnx", boom)
+    with pytest.raises(RuntimeError, match="export failed"):
+        run(EvalConfig(bootstrap_samples=100, latency_repeats=1), model_dir=p["model"], splits_dir=p["splits"],
+            raw_dir=p["raw"], manifest_path=p["manifest"], out=out, log=lambda _: None)
+    assert (out.plots / "old.png").read_bytes() == b"old" and not out.metrics.exists()
+    assert sorted(q.name for q in tmp_path.iterdir()) == ["manifest.csv", "model", "raw", "reports", "splits"]
+
+
+def test_evaluate_params_are_validated_and_off_by_default():
+    from tasks.config import ParamsError, load_params
+
+    repo = Path(__file__).resolve().parent.parent / "params.yaml"
+    params = load_params(repo)
+    assert params.evaluate.cv_folds == 0  # cross-validation trains k models: never on by default
+    assert EvalConfig().slices == tuple(params.evaluate.slices)
+    with pytest.raises(ParamsError, match="evaluate.cv_folds"):
+        load_params(repo, {"evaluate.cv_folds": 1})
+    with pytest.raises(ParamsError, match="evaluate.nope"):
+        load_params(repo, {"evaluate.nope": 1})

@@ -1,0 +1,45 @@
+"""Calibration: ECE, reliability bins and temperature scaling on synthetic predictions with known answers."""
+
+import pytest
+import torch
+
+from tasks.calibration import expected_calibration_error, fit_temperature, reliability_bins
+
+
+def test_ece_is_zero_when_confidence_matches_accuracy_and_the_gap_otherwise():
+    targets = torch.tensor([0, 1, 0, 1])
+    certain = torch.nn.functional.one_hot(targets, 2).float()
+    assert expected_calibration_error(certain, targets, n_bins=10) == pytest.approx(0.0)
+    # always 90% sure of class 0, right half of the time -> |0.9 - 0.5|
+    overconfident = torch.tensor([[0.9, 0.1]] * 4)
+    assert expected_calibration_error(overconfident, targets, n_bins=10) == pytest.approx(0.4)
+
+
+def test_reliability_bins_cover_every_image_once():
+    probs = torch.tensor([[0.95, 0.05], [0.55, 0.45], [0.35, 0.65], [0.15, 0.85], [0.5, 0.5]])
+    targets = torch.tensor([0, 1, 1, 1, 0])
+    bins = reliability_bins(probs, targets, n_bins=5)
+    assert [b["bin"] for b in bins] == list(range(5)) and sum(b["count"] for b in bins) == 5
+    top = bins[4]  # (0.8, 1.0]: confidences .95 and .85, both right
+    assert top["count"] == 2 and top["confidence"] == pytest.approx(0.9) and top["accuracy"] == 1.0
+    assert bins[0]["count"] == 0 and bins[0]["accuracy"] is None
+    assert bins[2]["count"] == 2  # (0.4, 0.6]: .55 (wrong) and .5 (right, argmax -> 0)
+    assert bins[2]["accuracy"] == pytest.approx(0.5)
+
+
+def test_temperature_scaling_recovers_a_known_overconfidence():
+    g = torch.Generator().manual_seed(0)
+    true_logits = torch.randn(4000, 5, generator=g) * 2
+    targets = torch.multinomial(torch.softmax(true_logits, 1), 1, generator=g).squeeze(1)
+    t = fit_temperature(true_logits * 3, targets)  # a model 3x too sure of itself
+    assert t == pytest.approx(3.0, rel=0.1)
+    before = expected_calibration_error(torch.softmax(true_logits * 3, 1), targets)
+    after = expected_calibration_error(torch.softmax(true_logits * 3 / t, 1), targets)
+    assert after < before / 2
+
+
+def test_degenerate_temperature_falls_back_to_one():
+    # perfectly separated: NLL keeps falling as T -> 0; an absurd T is never returned
+    logits = torch.tensor([[50.0, -50.0], [-50.0, 50.0]])
+    assert 1e-2 <= fit_temperature(logits, torch.tensor([0, 1])) <= 1e2
+    assert fit_temperature(torch.empty(0, 2), torch.empty(0, dtype=torch.int64)) == 1.0
