@@ -157,7 +157,7 @@ class PromoteParams(_Section):
     max_class_recall_drop: float = Field(0.10, ge=0, le=1)
     max_ece: float | None = Field(None, ge=0, le=1)
     max_latency_ms_b1: float | None = Field(None, gt=0)
-    min_onnx_agreement: float | None = Field(None, ge=0, le=1)
+    min_onnx_agreement: float | None = Field(0.99, ge=0, le=1)
     require_approval: bool = False
 
     def policy(self, seed: int = 0):

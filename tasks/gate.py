@@ -145,8 +145,8 @@ def decide(inp: GateInput, policy: Policy) -> Decision:
 
     checks.append(Check("min_accuracy", m["accuracy"] >= policy.min_accuracy, m["accuracy"], policy.min_accuracy))
     checks.append(Check("min_macro_f1", m["macro_f1"] >= policy.min_macro_f1, m["macro_f1"], policy.min_macro_f1))
-    if policy.max_ece is not None:
-        ece = m.get("ece")
+    if policy.max_ece is not None:  # the served model's calibration: before temperature scaling
+        ece = m.get("ece_before", m.get("ece"))
         checks.append(Check("max_ece", _finite(ece) and ece <= policy.max_ece, ece, policy.max_ece,
                             "" if _finite(ece) else "no calibration error in the evaluation"))
     if policy.max_latency_ms_b1 is not None:

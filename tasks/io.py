@@ -30,6 +30,12 @@ def tree_digest(entries: Iterable[tuple[str, str]]) -> str:
     return h.hexdigest()
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def write_json(path: Path, data: Any) -> None:
     """Write JSON atomically (temp file in the same folder, then rename)."""
     write_text(path, json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
@@ -43,6 +49,7 @@ def write_text(path: Path, text: str) -> None:
     try:
         with os.fdopen(fd, "w") as fh:
             fh.write(text)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes owner-only files; outputs are meant to be shared
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -52,7 +59,9 @@ def write_text(path: Path, text: str) -> None:
 def staging_dir(dest: Path) -> Path:
     """A fresh temporary folder beside dest, so the final rename is atomic on one filesystem."""
     dest.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{dest.name}.staging.", dir=dest.parent))
+    staged = Path(tempfile.mkdtemp(prefix=f".{dest.name}.staging.", dir=dest.parent))
+    staged.chmod(0o777 & ~_umask())  # mkdtemp makes owner-only folders; outputs are meant to be shared
+    return staged
 
 
 def replace_dir(staged: Path, dest: Path) -> None:

@@ -147,3 +147,10 @@ def test_manual_promotion_rechecks_the_gate_record():
     assert "now v4" in check_gate_record(ok, champion_now="4")
     assert "'failed'" in check_gate_record({"gate": "failed", "gate.reasons": "x"}, champion_now="3")
     assert check_gate_record({"gate": "passed", "gate.compared_with": ""}, champion_now=None) is None
+
+
+def test_calibration_ceiling_applies_to_the_served_uncalibrated_probabilities():
+    policy = Policy(max_ece=0.05)
+    scaled_only = metrics(ece=0.01, ece_before=0.2)  # temperature scaling is reported, not served
+    assert failed(decide(inp(metrics=scaled_only), policy)) == {"max_ece"}
+    assert decide(inp(metrics=metrics(ece=0.01, ece_before=0.03)), policy).passed

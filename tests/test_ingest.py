@@ -511,3 +511,19 @@ def test_hidden_entries_are_counted_as_ignored(image_folder, tmp_path):
     result = ingest(str(image_folder), tmp_path / "raw")
     assert result.ignored == 2
     assert result.ignored_examples == [".ipynb_checkpoints", "cat/.DS_Store"]
+
+
+def test_outputs_are_readable_by_others_like_any_file_the_user_writes(tmp_path):
+    import os
+    import stat
+
+    from tasks.io import staging_dir, write_text
+
+    old = os.umask(0o022)
+    try:
+        write_text(tmp_path / "a.txt", "x")
+        staged = staging_dir(tmp_path / "out")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "a.txt").stat().st_mode) == 0o644
+    assert stat.S_IMODE(staged.stat().st_mode) == 0o755
