@@ -222,3 +222,44 @@ def test_param_groups_give_the_backbone_a_scaled_lr():
     assert [g["lr"] for g in groups] == pytest.approx([0.001, 0.01])
     assert len(groups[1]["params"]) == 2 and len(backbone) == len(list(model.parameters())) - 2
     assert dataclasses.asdict(_cfg())["pretrained"] is None
+
+
+def test_lr_find_sweeps_upward_stops_on_divergence_and_suggests_an_lr_inside_the_range():
+    from tasks.lr_find import lr_find, suggest_lr
+
+    result = lr_find(_model(), _blobs(64, 1), SPEC, _cfg(batch_size=16), start_lr=1e-5, end_lr=10.0, steps=60)
+    assert result.lrs == sorted(result.lrs) and len(result.lrs) == len(result.losses) >= 10
+    assert result.lrs[0] <= result.suggested_lr <= result.lrs[-1]
+    assert suggest_lr([1e-3, 1e-2, 1e-1, 1.0], [1.0, 0.9, 0.2, 0.15]) == pytest.approx(1e-2)
+
+
+def test_train_stage_core_resumes_after_a_kill_and_cleans_up_its_checkpoint(tmp_path: Path, image_folder: Path):
+    import pandas as pd
+
+    from tasks.models import load_model
+    from tasks.train import train
+
+    rows = [(f"{p.parent.name}/{p.name}", p.parent.name) for p in sorted(image_folder.rglob("*.png"))]
+    splits = tmp_path / "splits"
+    splits.mkdir()
+    pd.DataFrame(rows[0::2], columns=["path", "label"]).to_csv(splits / "train.csv", index=False)
+    pd.DataFrame(rows[1::2], columns=["path", "label"]).to_csv(splits / "val.csv", index=False)
+    cfg = _cfg(epochs=3, batch_size=8)
+    root = tmp_path / "checkpoints"
+    kw = dict(raw_dir=image_folder, splits_dir=splits, dataset_mode="L", checkpoint_root=root)
+
+    def kill_after_one(row):
+        if row["epoch"] == 1:
+            raise Killed
+
+    with pytest.raises(Killed):
+        train(cfg, out_dir=tmp_path / "a", on_epoch=kill_after_one, **kw)
+    assert len(list(root.glob("*/last.pt"))) == 1 and not (tmp_path / "a").exists()
+    resumed = train(cfg, out_dir=tmp_path / "a", **kw)
+    assert resumed.resumed_from_epoch == 1 and len(resumed.history) == 3
+    assert not list(root.glob("*/last.pt"))
+    fresh = train(cfg, out_dir=tmp_path / "b", **kw)
+    assert fresh.resumed_from_epoch == 0
+    assert _strip(fresh.history) == _strip(resumed.history)
+    model, meta = load_model(tmp_path / "a")
+    assert meta["classes"] == ["cat", "dog", "fish"] and meta["batch_size"] == 8
