@@ -104,6 +104,28 @@ def hardware_info(device: str) -> dict[str, str]:
     return info
 
 
+def distributed_rank() -> tuple[int, int]:
+    """(rank, world size) under torchrun / an initialised process group; (0, 1) otherwise."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def init_distributed(device: str) -> None:
+    """Join the process group torchrun describes in the environment (nccl on CUDA, gloo on CPU)."""
+    import os
+
+    import torch
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        if device == "cuda":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl" if device == "cuda" else "gloo")
+
+
 def find_batch_size(fits: Callable[[int], bool], *, cap: int, floor: int = 1) -> int:
     """Largest power of two <= cap for which fits(batch) holds (halving from cap)."""
     size = 1 << max(0, int(cap).bit_length() - 1)
@@ -376,14 +398,21 @@ def _fit(model: "nn.Module", train: tuple["torch.Tensor", "torch.Tensor"], val: 
     model.to(device)
     if device == "cuda":
         model.to(memory_format=torch.channels_last)
-    forward = torch.compile(model) if cfg.compile else model
+    rank, world = distributed_rank()
+    forward = model
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        forward = DistributedDataParallel(model, find_unused_parameters=cfg.freeze_epochs > 0)
+    forward = torch.compile(forward) if cfg.compile else forward
     groups, backbone = _param_groups(model, cfg)
     if cfg.optimizer == "sgd":
         opt = torch.optim.SGD(groups, lr=cfg.lr, momentum=0.9, nesterov=True, weight_decay=cfg.weight_decay)
     else:
         opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
     x_train, y_train = train
-    steps_per_epoch = max(1, math.ceil(len(x_train) / batch_size))
+    per_rank = len(x_train) // world  # equal shards: every rank takes the same number of steps
+    steps_per_epoch = max(1, math.ceil(per_rank / batch_size))
     sched = _scheduler(opt, cfg, steps_per_epoch)
     ema = None
     if cfg.ema_decay > 0:
@@ -425,7 +454,9 @@ def _fit(model: "nn.Module", train: tuple["torch.Tensor", "torch.Tensor"], val: 
             p.requires_grad_(not frozen)
         model.train()
         t0 = time.perf_counter()
-        order = torch.randperm(len(x_train), generator=generator)
+        order = torch.randperm(len(x_train), generator=generator)  # same seed: same order on every rank
+        if world > 1:
+            order = order[:per_rank * world][rank::world]
         seen, loss_sum, correct = 0, 0.0, 0
         for start in range(0, len(order), batch_size):
             idx = order[start:start + batch_size]
@@ -460,6 +491,14 @@ def _fit(model: "nn.Module", train: tuple["torch.Tensor", "torch.Tensor"], val: 
             loss_sum += loss.item() * len(idx)
             correct += (logits.argmax(1) == y).sum().item()
         train_seconds = time.perf_counter() - t0
+        if world > 1:
+            totals = torch.tensor([seen, loss_sum, correct], dtype=torch.float64)
+            torch.distributed.all_reduce(totals)
+            seen, loss_sum, correct = int(totals[0]), float(totals[1]), int(totals[2])
+            # BatchNorm statistics (and the EMA, which averages them) drift per shard: take rank 0's.
+            for module in (model, ema) if ema is not None else (model,):
+                for tensor in module.state_dict().values():
+                    torch.distributed.broadcast(tensor, 0)
         scored = ema.module if ema is not None else model
         val_loss, val_acc = _evaluate(scored, *val, spec, device, batch_size * 4)
         row = {"epoch": epoch, "train/loss": loss_sum / seen, "train/accuracy": correct / seen,
@@ -474,7 +513,7 @@ def _fit(model: "nn.Module", train: tuple["torch.Tensor", "torch.Tensor"], val: 
         else:
             bad_epochs += 1
         result.stopped_early = cfg.patience > 0 and bad_epochs >= cfg.patience and epoch < cfg.epochs
-        if checkpoint:
+        if checkpoint and rank == 0:
             state = {"epoch": epoch, "model": model.state_dict(), "optimizer": opt.state_dict(),
                      "scheduler": sched.state_dict(), "generator": generator.get_state(),
                      "torch_rng": torch.get_rng_state(), "best_state": best_state, "best_key": list(best_key),
@@ -557,6 +596,8 @@ def train(cfg: TrainConfig, *, raw_dir: Path, splits_dir: Path, dataset_mode: st
     if checkpoint_root is not None:
         ckpt = checkpoint_root / run_key(cfg, splits_dir, raw_dir.parent / "manifest.csv") / "last.pt"
     result, best_state = fit(model, data.train, data.val, data.spec, cfg, on_epoch=on_epoch, checkpoint=ckpt)
+    if distributed_rank()[0] != 0:
+        return result  # DDP: the other ranks hold the same weights; rank 0 saves them
     model.load_state_dict(best_state)
     save_model(out_dir, model, name=cfg.model, classes=data.classes, preprocess=data.spec,
                extra={"best_epoch": result.best_epoch, "best_val_accuracy": result.best_val_accuracy,
@@ -606,6 +647,11 @@ def main() -> None:
     from tasks.validate import dataset_mode
 
     mode = dataset_mode(pd.read_csv(MANIFEST, dtype={"label": str}))
+    init_distributed(resolve_device(cfg.device))
+    if distributed_rank()[0] != 0:  # torchrun: only rank 0 tracks, checkpoints and saves
+        train(cfg, raw_dir=RAW_DIR, splits_dir=SPLITS_DIR, dataset_mode=mode, out_dir=OUT_DIR,
+              checkpoint_root=CHECKPOINT_ROOT)
+        return
     tracking.configure(params.register_.tracking_uri, params.register_.experiment)
 
     def report(row: dict[str, float]) -> None:
@@ -617,7 +663,8 @@ def main() -> None:
     with mlflow.start_run(run_name=f"train-{cfg.model}") as run:
         mlflow.log_params(tracking.flatten(params.to_dict()))
         device = resolve_device(cfg.device)
-        mlflow.set_tags({"imgclf.stage": "train", **hardware_info(device)})
+        mlflow.set_tags({"imgclf.stage": "train", **hardware_info(device),
+                         "world_size": str(distributed_rank()[1])})
         try:
             result = train(cfg, raw_dir=RAW_DIR, splits_dir=SPLITS_DIR, dataset_mode=mode, out_dir=OUT_DIR,
                            on_epoch=report, checkpoint_root=CHECKPOINT_ROOT)
