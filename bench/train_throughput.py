@@ -79,11 +79,14 @@ def main() -> None:
     ap.add_argument("--n-train", type=int, default=1024, help="synthetic training images")
     ap.add_argument("--epochs", type=int, default=6)
     ap.add_argument("--device", default=cfg.device)
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 is steadier on a shared host)")
     ap.add_argument("--mfu", action="store_true", help="also report model-FLOPs utilisation")
     ap.add_argument("--peak-tflops", type=float, default=989.0, help="device bf16 dense peak (H100 SXM: 989)")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "train_throughput.json")
     args = ap.parse_args()
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
     channels = args.channels or (1 if args.model == "smallcnn" else 3)
     spec = Preprocess.for_mode("L" if channels == 1 else "RGB", args.image_size)
