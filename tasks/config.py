@@ -6,7 +6,7 @@ import copy
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -109,7 +109,7 @@ class TrainParams(_Section):
     model: str = "smallcnn"
     image_size: int = Field(32, ge=8, le=1024)
     epochs: int = Field(15, ge=1)
-    batch_size: int = Field(64, ge=1)
+    batch_size: Annotated[int, Field(ge=1)] | Literal["auto"] = 64
     optimizer: Literal["adamw", "sgd"] = "adamw"
     lr: float = Field(0.003, gt=0)
     weight_decay: float = Field(0.0005, ge=0)
@@ -117,6 +117,28 @@ class TrainParams(_Section):
     hflip: bool = False
     translate: float = Field(0.08, ge=0, lt=0.5)
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    scheduler: Literal["onecycle", "cosine"] = "onecycle"
+    warmup_epochs: int = Field(0, ge=0)
+    patience: int = Field(0, ge=0)
+    grad_clip: float = Field(0.0, ge=0)
+    class_weights: Literal["none", "balanced"] = "none"
+    ema_decay: float = Field(0.0, ge=0, lt=1)
+    mixup_alpha: float = Field(0.0, ge=0)
+    cutmix_alpha: float = Field(0.0, ge=0)
+    random_erasing: float = Field(0.0, ge=0, le=1)
+    trivial_augment: bool = False
+    pretrained: str | None = None
+    freeze_epochs: int = Field(0, ge=0)
+    backbone_lr_mult: float = Field(0.1, gt=0)
+    compile: bool = False
+
+    @model_validator(mode="after")
+    def _check_schedule(self) -> "TrainParams":
+        if self.scheduler == "cosine" and self.warmup_epochs >= self.epochs:
+            raise ValueError("train.warmup_epochs must be smaller than train.epochs")
+        if self.freeze_epochs >= self.epochs:
+            raise ValueError("train.freeze_epochs must be smaller than train.epochs")
+        return self
 
 
 class EvaluateParams(_Section):

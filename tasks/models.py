@@ -38,19 +38,107 @@ def input_mode(model_name: str, dataset_mode: str) -> str:
     return dataset_mode if model_name in SMALL_MODELS else "RGB"
 
 
-def build_model(name: str, *, num_classes: int, in_channels: int = 3) -> "nn.Module":
-    """A fresh, randomly initialised model by name."""
+def build_model(name: str, *, num_classes: int, in_channels: int = 3,
+                pretrained: str | None = None) -> "nn.Module":
+    """A model by name: random init, or `pretrained` (torchvision weights name or local state_dict file)
+    with its classifier head replaced for num_classes."""
     if name in SMALL_MODELS:
-        return _small_cnn(in_channels, num_classes)
+        model = _small_cnn(in_channels, num_classes)
+        if pretrained:
+            load_backbone(model, pretrained)
+        return model
     import torchvision
 
     if in_channels != 3:
         raise ValueError(f"torchvision model {name!r} expects 3 input channels, got {in_channels}")
     try:
-        return torchvision.models.get_model(name, weights=None, num_classes=num_classes)
-    except ValueError:
-        raise ValueError(f"unknown model {name!r}: use {', '.join(SMALL_MODELS)} or a torchvision.models name "
-                         "(see torchvision.models.list_models())") from None
+        if pretrained and not _is_weights_file(pretrained):
+            # A torchvision weights name (DEFAULT, IMAGENET1K_V1, ...): downloaded once into the torch cache.
+            model = torchvision.models.get_model(name, weights=pretrained)
+            replace_head(model, num_classes)
+            return model
+        model = torchvision.models.get_model(name, weights=None, num_classes=num_classes)
+    except ValueError as exc:
+        if name not in torchvision.models.list_models():
+            raise ValueError(f"unknown model {name!r}: use {', '.join(SMALL_MODELS)} or a torchvision.models name "
+                             "(see torchvision.models.list_models())") from None
+        raise ValueError(f"cannot build {name!r} with weights {pretrained!r}: {exc}") from None
+    if pretrained:
+        load_backbone(model, pretrained)
+    return model
+
+
+def _is_weights_file(pretrained: str) -> bool:
+    return pretrained.endswith((".pth", ".pt", ".safetensors", ".bin")) or Path(pretrained).is_file()
+
+
+def head_name(model: "nn.Module") -> str:
+    """Dotted name of the final classification layer (resnet fc, *.classifier[-1], vit heads.head, ...)."""
+    from torch import nn
+
+    names = dict(model.named_modules())
+    for candidate in ("fc", "heads.head", "head"):
+        if isinstance(names.get(candidate), nn.Linear):
+            return candidate
+    classifier = names.get("classifier")
+    if isinstance(classifier, nn.Linear):
+        return "classifier"
+    if isinstance(classifier, nn.Sequential):
+        return f"classifier.{len(classifier) - 1}"
+    linears = [n for n, m in names.items() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise ValueError(f"cannot find the classifier head of {type(model).__name__}")
+    return linears[-1]
+
+
+def replace_head(model: "nn.Module", num_classes: int) -> None:
+    """Swap the classifier head for a freshly initialised one with num_classes outputs."""
+    from torch import nn
+
+    name = head_name(model)
+    old = model.get_submodule(name)
+    parent_name, _, attr = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    new = nn.Linear(old.in_features, num_classes, bias=old.bias is not None)
+    if attr.isdigit():
+        parent[int(attr)] = new
+    else:
+        setattr(parent, attr, new)
+
+
+def read_state_dict(path: str | Path) -> dict[str, "torch.Tensor"]:
+    """A state_dict from .safetensors or a torch file (weights_only: nothing is unpickled)."""
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"pretrained weights file not found: {path}")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    for key in ("state_dict", "model", "model_state"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    state = {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in state.items()}
+    return state
+
+
+def load_backbone(model: "nn.Module", path: str | Path) -> list[str]:
+    """Copy every weight but the head from a file into model; return the head keys left as initialised."""
+    state = read_state_dict(path)
+    head = head_name(model) + "."
+    own = model.state_dict()
+    missing = [k for k in own if not k.startswith(head) and k not in state]
+    bad = [k for k in own if not k.startswith(head) and k in state and state[k].shape != own[k].shape]
+    if missing or bad:
+        raise ValueError(f"{path}: does not fit {type(model).__name__}: "
+                         f"{len(missing)} missing keys (e.g. {missing[:3]}), {len(bad)} shape mismatches "
+                         f"(e.g. {bad[:3]})")
+    own.update({k: v for k, v in state.items() if k in own and not k.startswith(head)})
+    model.load_state_dict(own)
+    return [k for k in own if k.startswith(head)]
 
 
 def save_model(directory: Path, model: "nn.Module", *, name: str, classes: list[str],

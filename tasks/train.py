@@ -23,6 +23,11 @@ MANIFEST = Path("data/manifest.csv")
 OUT_DIR = Path("models/candidate")
 
 
+CHECKPOINT_ROOT = Path(".imgclf/checkpoints")
+CPU_MAX_BATCH = 256
+MAX_OOM_RETRIES = 3
+
+
 class TrainingError(RuntimeError):
     """Training cannot continue (e.g. the loss became NaN); nothing is saved."""
 
@@ -32,7 +37,7 @@ class TrainConfig:
     model: str
     image_size: int
     epochs: int
-    batch_size: int
+    batch_size: int | str  # an int, or "auto": the largest power of two that fits the device
     optimizer: str
     lr: float
     weight_decay: float
@@ -41,6 +46,20 @@ class TrainConfig:
     translate: float
     device: str
     seed: int
+    scheduler: str = "onecycle"  # onecycle | cosine (linear warmup for warmup_epochs, then cosine)
+    warmup_epochs: int = 0
+    patience: int = 0  # early stopping on val accuracy; 0 = off
+    grad_clip: float = 0.0  # max gradient norm; 0 = off
+    class_weights: str = "none"  # none | balanced
+    ema_decay: float = 0.0  # EMA of weights; 0 = off (on: the EMA weights are evaluated and saved)
+    mixup_alpha: float = 0.0
+    cutmix_alpha: float = 0.0
+    random_erasing: float = 0.0  # probability per image
+    trivial_augment: bool = False
+    pretrained: str | None = None  # torchvision weights name or a local state_dict file
+    freeze_epochs: int = 0  # head-only epochs at the start (pretrained models)
+    backbone_lr_mult: float = 0.1  # backbone lr = lr * this when pretrained
+    compile: bool = False
 
 
 @dataclass
@@ -50,6 +69,10 @@ class TrainResult:
     best_val_accuracy: float = 0.0
     device: str = "cpu"
     seconds: float = 0.0
+    batch_size: int = 0  # the effective batch size (after "auto" and any out-of-memory halving)
+    oom_retries: int = 0
+    stopped_early: bool = False
+    resumed_from_epoch: int = 0
 
 
 def resolve_device(preference: str) -> str:
@@ -63,6 +86,91 @@ def resolve_device(preference: str) -> str:
     if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
         return "mps"
     return "cpu"
+
+
+def hardware_info(device: str) -> dict[str, str]:
+    """What the run ran on, for MLflow tags."""
+    import os
+
+    import torch
+
+    info = {"device": device, "torch": torch.__version__, "python": platform.python_version(),
+            "host.cpus": str(os.cpu_count()), "host.torch_threads": str(torch.get_num_threads()),
+            "host.machine": platform.machine()}
+    if device == "cuda":
+        props = torch.cuda.get_device_properties(0)
+        info.update({"gpu.name": props.name, "gpu.count": str(torch.cuda.device_count()),
+                     "gpu.memory_gb": f"{props.total_memory / 2**30:.1f}", "cuda": str(torch.version.cuda)})
+    return info
+
+
+def distributed_rank() -> tuple[int, int]:
+    """(rank, world size) under torchrun / an initialised process group; (0, 1) otherwise."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def init_distributed(device: str) -> None:
+    """Join the process group torchrun describes in the environment (nccl on CUDA, gloo on CPU)."""
+    import os
+
+    import torch
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        if device == "cuda":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl" if device == "cuda" else "gloo")
+
+
+def find_batch_size(fits: Callable[[int], bool], *, cap: int, floor: int = 1) -> int:
+    """Largest power of two <= cap for which fits(batch) holds (halving from cap)."""
+    size = 1 << max(0, int(cap).bit_length() - 1)
+    while size > floor and not fits(size):
+        size //= 2
+    if not fits(size):
+        raise TrainingError(f"even a batch of {size} does not fit on the device")
+    return size
+
+
+def _cuda_fits(model: "nn.Module", spec: Preprocess, num_classes: int, device: str) -> Callable[[int], bool]:
+    """A probe: one forward+backward at batch size b under bf16 autocast; False on CUDA OOM."""
+    import torch
+
+    def fits(batch: int) -> bool:
+        try:
+            x = torch.randn(batch, spec.channels, spec.size, spec.size, device=device)
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss = torch.nn.functional.cross_entropy(
+                    model(x).float(), torch.randint(0, num_classes, (batch,), device=device))
+            loss.backward()
+            return True
+        except torch.cuda.OutOfMemoryError:
+            return False
+        finally:
+            model.zero_grad(set_to_none=True)
+            torch.cuda.empty_cache()
+
+    return fits
+
+
+def resolve_batch_size(cfg: TrainConfig, model: "nn.Module", spec: Preprocess, *, n_train: int,
+                       num_classes: int, device: str) -> int:
+    """An int batch size as given; "auto": the largest power of two that fits (CPU: capped, no probing)."""
+    if cfg.batch_size != "auto":
+        return int(cfg.batch_size)
+    cap = max(1, min(CPU_MAX_BATCH if device != "cuda" else 4096, n_train))
+    if device != "cuda":
+        return find_batch_size(lambda _b: True, cap=cap)
+    initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    model.to(device).train()
+    try:
+        return find_batch_size(_cuda_fits(model, spec, num_classes, device), cap=cap)
+    finally:
+        model.load_state_dict(initial)  # the probe's steps moved BatchNorm statistics
 
 
 def load_split(frame: "pd.DataFrame", raw_dir: Path, spec: Preprocess,
@@ -91,9 +199,62 @@ def augment(batch: "torch.Tensor", *, translate: float, hflip: bool, generator: 
         theta = torch.zeros(n, 2, 3)
         theta[:, 0, 0] = theta[:, 1, 1] = 1.0
         theta[:, :, 2] = shift
-        grid = F.affine_grid(theta.to(batch.device), list(batch.shape), align_corners=False)
+        grid = F.affine_grid(theta.to(batch.device, batch.dtype), list(batch.shape), align_corners=False)
         batch = F.grid_sample(batch, grid, mode="bilinear", padding_mode="border", align_corners=False)
     return batch
+
+
+def random_erase(batch: "torch.Tensor", *, p: float, generator: "torch.Generator",
+                 scale: tuple[float, float] = (0.02, 0.33), ratio: tuple[float, float] = (0.3, 3.3)) -> "torch.Tensor":
+    """Batched RandomErasing: each image, with probability p, gets one random rectangle set to 0 (the mean)."""
+    import torch
+
+    n, _, h, w = batch.shape
+    area = torch.empty(n).uniform_(*scale, generator=generator) * h * w
+    log_r = torch.empty(n).uniform_(math.log(ratio[0]), math.log(ratio[1]), generator=generator)
+    eh = (area * log_r.exp()).sqrt().clamp(1, h)
+    ew = (area / log_r.exp()).sqrt().clamp(1, w)
+    top = torch.rand(n, generator=generator) * (h - eh)
+    left = torch.rand(n, generator=generator) * (w - ew)
+    on = torch.rand(n, generator=generator) < p
+    rows = torch.arange(h).view(1, h, 1)
+    cols = torch.arange(w).view(1, 1, w)
+    mask = ((rows >= top.view(-1, 1, 1)) & (rows < (top + eh).view(-1, 1, 1))
+            & (cols >= left.view(-1, 1, 1)) & (cols < (left + ew).view(-1, 1, 1)) & on.view(-1, 1, 1))
+    return batch.masked_fill(mask.unsqueeze(1).to(batch.device), 0.0)
+
+
+def trivial_augment(batch: "torch.Tensor") -> "torch.Tensor":
+    """TrivialAugmentWide per image on uint8 (on whatever device the batch is); uses torch's global RNG."""
+    import torch
+    from torchvision.transforms import v2
+
+    op = v2.TrivialAugmentWide()
+    return torch.stack([op(img) for img in batch])
+
+
+def _mix(cfg: TrainConfig, num_classes: int) -> Callable | None:
+    """MixUp and/or CutMix from transforms.v2 on the batch (one of them per batch when both are on)."""
+    from torchvision.transforms import v2
+
+    ops = []
+    if cfg.mixup_alpha > 0:
+        ops.append(v2.MixUp(alpha=cfg.mixup_alpha, num_classes=num_classes))
+    if cfg.cutmix_alpha > 0:
+        ops.append(v2.CutMix(alpha=cfg.cutmix_alpha, num_classes=num_classes))
+    if not ops:
+        return None
+    return ops[0] if len(ops) == 1 else v2.RandomChoice(ops)
+
+
+def class_weights(labels: "torch.Tensor", num_classes: int, mode: str) -> "torch.Tensor | None":
+    """'balanced': n / (K * count_c), as scikit-learn does; 'none': None."""
+    import torch
+
+    if mode == "none":
+        return None
+    counts = torch.bincount(labels, minlength=num_classes).clamp(min=1).float()
+    return len(labels) / (num_classes * counts)
 
 
 def _evaluate(model: "nn.Module", images: "torch.Tensor", labels: "torch.Tensor", spec: Preprocess,
@@ -103,9 +264,11 @@ def _evaluate(model: "nn.Module", images: "torch.Tensor", labels: "torch.Tensor"
 
     model.eval()
     total_loss, correct = 0.0, 0
-    with torch.inference_mode():
+    with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=device == "cuda"):
         for start in range(0, len(images), batch_size):
             x = normalize(images[start:start + batch_size].to(device), spec)
+            if device == "cuda":
+                x = x.contiguous(memory_format=torch.channels_last)
             y = labels[start:start + batch_size].to(device)
             logits = model(x).float()
             total_loss += F.cross_entropy(logits, y, reduction="sum").item()
@@ -114,61 +277,254 @@ def _evaluate(model: "nn.Module", images: "torch.Tensor", labels: "torch.Tensor"
     return total_loss / n, correct / n
 
 
+def run_key(cfg: TrainConfig, *data_files: Path) -> str:
+    """Hash of the resolved train config and the data it trains on: names a run's checkpoint folder."""
+    import hashlib
+    import json
+    from dataclasses import asdict
+
+    h = hashlib.sha256(json.dumps(asdict(cfg), sort_keys=True, default=str).encode())
+    for path in sorted(p for f in data_files for p in (sorted(f.rglob("*")) if f.is_dir() else [f])):
+        if path.is_file():
+            h.update(str(path.name).encode())
+            h.update(path.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    """torch.save to a temp file, fsync, then rename: a kill leaves the old checkpoint or the new one."""
+    import os
+
+    import torch
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as fh:
+        torch.save(state, fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+    tmp.replace(path)
+
+
+def load_checkpoint(path: Path) -> dict[str, Any] | None:
+    """The last checkpoint, loaded without unpickling code; None if there is none."""
+    import torch
+
+    if not path.is_file():
+        return None
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _param_groups(model: "nn.Module", cfg: TrainConfig) -> tuple[list[dict], list["nn.Parameter"]]:
+    """One group normally; with pretrained weights: backbone (lr * backbone_lr_mult) and head (lr)."""
+    from tasks.models import head_name
+
+    if not cfg.pretrained and cfg.freeze_epochs == 0:
+        return [{"params": [p for p in model.parameters() if p.requires_grad], "lr": cfg.lr}], []
+    head = head_name(model) + "."
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    backbone = [p for n, p in named if not n.startswith(head)]
+    mult = cfg.backbone_lr_mult if cfg.pretrained else 1.0
+    return ([{"params": backbone, "lr": cfg.lr * mult}, {"params": [p for n, p in named if n.startswith(head)],
+                                                         "lr": cfg.lr}], backbone)
+
+
+def _scheduler(opt: "torch.optim.Optimizer", cfg: TrainConfig, steps_per_epoch: int):
+    import torch
+
+    total = cfg.epochs * steps_per_epoch
+    if cfg.scheduler == "cosine":
+        warmup = cfg.warmup_epochs * steps_per_epoch
+
+        def factor(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / warmup
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+
+        return torch.optim.lr_scheduler.LambdaLR(opt, factor)
+    return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[g["lr"] for g in opt.param_groups], total_steps=total,
+                                               pct_start=0.2)
+
+
 def fit(model: "nn.Module", train: tuple["torch.Tensor", "torch.Tensor"], val: tuple["torch.Tensor", "torch.Tensor"],
         spec: Preprocess, cfg: TrainConfig, *, on_epoch: Callable[[dict[str, float]], None] | None = None,
+        checkpoint: Path | None = None, max_oom_retries: int = MAX_OOM_RETRIES,
         ) -> tuple[TrainResult, dict[str, "torch.Tensor"]]:
-    """Train with AdamW/SGD + one-cycle LR; return the history and the best-on-validation weights."""
+    """Train; return the history and the best-on-validation weights.
+
+    With `checkpoint`, the state is saved there atomically after every epoch and a rerun resumes from it.
+    CUDA out-of-memory halves the batch size and restarts (at most max_oom_retries times)."""
+    import torch
+
+    device = resolve_device(cfg.device)
+    num_classes = int(max(int(train[1].max()), int(val[1].max())) + 1) if len(train[1]) else 1
+    initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    rng = torch.get_rng_state()
+    batch_size = resolve_batch_size(cfg, model, spec, n_train=len(train[0]), num_classes=num_classes,
+                                     device=device)
+    saved = load_checkpoint(checkpoint) if checkpoint else None
+    if saved is not None:
+        batch_size = int(saved["batch_size"])
+    for attempt in range(max_oom_retries + 1):
+        try:
+            result, best = _fit(model, train, val, spec, cfg, device=device, batch_size=batch_size,
+                                num_classes=num_classes, on_epoch=on_epoch, checkpoint=checkpoint, saved=saved)
+            result.oom_retries = attempt
+            return result, best
+        except torch.cuda.OutOfMemoryError as exc:
+            if attempt == max_oom_retries or batch_size == 1:
+                raise TrainingError(f"out of memory at batch size {batch_size} after {attempt} retries: "
+                                    "lower train.batch_size or train.image_size") from exc
+            batch_size //= 2
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            # Restart cleanly at the smaller batch: the schedule depends on steps per epoch.
+            model.load_state_dict(initial)
+            torch.set_rng_state(rng)
+            saved = None
+            if checkpoint:
+                checkpoint.unlink(missing_ok=True)
+    raise AssertionError("unreachable")
+
+
+def _fit(model: "nn.Module", train: tuple["torch.Tensor", "torch.Tensor"], val: tuple["torch.Tensor", "torch.Tensor"],
+         spec: Preprocess, cfg: TrainConfig, *, device: str, batch_size: int, num_classes: int,
+         on_epoch: Callable[[dict[str, float]], None] | None, checkpoint: Path | None,
+         saved: dict[str, Any] | None) -> tuple[TrainResult, dict[str, "torch.Tensor"]]:
     import torch
     import torch.nn.functional as F
 
-    device = resolve_device(cfg.device)
     generator = torch.Generator().manual_seed(cfg.seed)
     model.to(device)
-    params = [p for p in model.parameters() if p.requires_grad]
+    if device == "cuda":
+        model.to(memory_format=torch.channels_last)
+    rank, world = distributed_rank()
+    forward = model
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        forward = DistributedDataParallel(model, find_unused_parameters=cfg.freeze_epochs > 0)
+    forward = torch.compile(forward) if cfg.compile else forward
+    groups, backbone = _param_groups(model, cfg)
     if cfg.optimizer == "sgd":
-        opt = torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, nesterov=True, weight_decay=cfg.weight_decay)
+        opt = torch.optim.SGD(groups, lr=cfg.lr, momentum=0.9, nesterov=True, weight_decay=cfg.weight_decay)
     else:
-        opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
     x_train, y_train = train
-    steps_per_epoch = max(1, math.ceil(len(x_train) / cfg.batch_size))
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, epochs=cfg.epochs,
-                                                steps_per_epoch=steps_per_epoch, pct_start=0.2)
-    result = TrainResult(device=device)
+    per_rank = len(x_train) // world  # equal shards: every rank takes the same number of steps
+    steps_per_epoch = max(1, math.ceil(per_rank / batch_size))
+    sched = _scheduler(opt, cfg, steps_per_epoch)
+    ema = None
+    if cfg.ema_decay > 0:
+        from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+        ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)
+    weight = class_weights(y_train, num_classes, cfg.class_weights)
+    weight = weight.to(device) if weight is not None else None
+    mix = _mix(cfg, num_classes)
+    result = TrainResult(device=device, batch_size=batch_size)
     best_state: dict[str, torch.Tensor] = {}
     best_key = (-1.0, float("-inf"))
+    bad_epochs, first_epoch = 0, 1
+    if saved is not None:
+        model.load_state_dict(saved["model"])
+        opt.load_state_dict(saved["optimizer"])
+        sched.load_state_dict(saved["scheduler"])
+        if ema is not None:
+            ema.load_state_dict(saved["ema"])
+        generator.set_state(saved["generator"])
+        torch.set_rng_state(saved["torch_rng"])
+        if device == "cuda" and "cuda_rng" in saved:
+            torch.cuda.set_rng_state(saved["cuda_rng"])
+        best_state, best_key = saved["best_state"], tuple(saved["best_key"])
+        result.history = list(saved["history"])
+        result.best_epoch, result.best_val_accuracy = int(saved["best_epoch"]), float(saved["best_val_accuracy"])
+        bad_epochs, first_epoch = int(saved["bad_epochs"]), int(saved["epoch"]) + 1
+        result.resumed_from_epoch = int(saved["epoch"])
+        result.stopped_early = bool(saved["stopped_early"])
+        if on_epoch:
+            for row in result.history:
+                on_epoch(row)
     started = time.perf_counter()
-    for epoch in range(1, cfg.epochs + 1):
+    for epoch in range(first_epoch, cfg.epochs + 1):
+        if result.stopped_early:
+            break
+        frozen = epoch <= cfg.freeze_epochs
+        for p in backbone:
+            p.requires_grad_(not frozen)
         model.train()
         t0 = time.perf_counter()
-        order = torch.randperm(len(x_train), generator=generator)
+        order = torch.randperm(len(x_train), generator=generator)  # same seed: same order on every rank
+        if world > 1:
+            order = order[:per_rank * world][rank::world]
         seen, loss_sum, correct = 0, 0.0, 0
-        for start in range(0, len(order), cfg.batch_size):
-            idx = order[start:start + cfg.batch_size]
-            x = normalize(x_train[idx].to(device, non_blocking=True), spec)
+        for start in range(0, len(order), batch_size):
+            idx = order[start:start + batch_size]
+            x = x_train[idx].to(device, non_blocking=True)
+            if cfg.trivial_augment:
+                x = trivial_augment(x)
+            x = normalize(x, spec)
             x = augment(x, translate=cfg.translate, hflip=cfg.hflip, generator=generator)
+            if cfg.random_erasing > 0:
+                x = random_erase(x, p=cfg.random_erasing, generator=generator)
             y = y_train[idx].to(device, non_blocking=True)
-            logits = model(x)
-            loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
+            target = y
+            if mix is not None and len(idx) > 1:
+                x, target = mix(x, y)
+            if device == "cuda":
+                x = x.contiguous(memory_format=torch.channels_last)
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device == "cuda"):
+                logits = forward(x).float()
+            loss = F.cross_entropy(logits, target, weight=weight, label_smoothing=cfg.label_smoothing)
             if not torch.isfinite(loss):
                 raise TrainingError(f"loss became {loss.item()} at epoch {epoch}; nothing was saved. "
                                     "Lower train.lr or check the data.")
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            if cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             opt.step()
             sched.step()
+            if ema is not None:
+                ema.update_parameters(model)
             seen += len(idx)
             loss_sum += loss.item() * len(idx)
             correct += (logits.argmax(1) == y).sum().item()
         train_seconds = time.perf_counter() - t0
-        val_loss, val_acc = _evaluate(model, *val, spec, device, cfg.batch_size * 4)
+        if world > 1:
+            totals = torch.tensor([seen, loss_sum, correct], dtype=torch.float64)
+            torch.distributed.all_reduce(totals)
+            seen, loss_sum, correct = int(totals[0]), float(totals[1]), int(totals[2])
+            # BatchNorm statistics (and the EMA, which averages them) drift per shard: take rank 0's.
+            for module in (model, ema) if ema is not None else (model,):
+                for tensor in module.state_dict().values():
+                    torch.distributed.broadcast(tensor, 0)
+        scored = ema.module if ema is not None else model
+        val_loss, val_acc = _evaluate(scored, *val, spec, device, batch_size * 4)
         row = {"epoch": epoch, "train/loss": loss_sum / seen, "train/accuracy": correct / seen,
-               "val/loss": val_loss, "val/accuracy": val_acc, "lr": sched.get_last_lr()[0],
+               "val/loss": val_loss, "val/accuracy": val_acc, "lr": sched.get_last_lr()[-1],
                "throughput": seen / train_seconds}
         result.history.append(row)
         if (val_acc, -val_loss) > best_key:
             best_key = (val_acc, -val_loss)
             result.best_epoch, result.best_val_accuracy = epoch, val_acc
-            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            best_state = {k: v.detach().to("cpu", copy=True) for k, v in scored.state_dict().items()}
+            bad_epochs = 0
+        else:
+            bad_epochs += 1
+        result.stopped_early = cfg.patience > 0 and bad_epochs >= cfg.patience and epoch < cfg.epochs
+        if checkpoint and rank == 0:
+            state = {"epoch": epoch, "model": model.state_dict(), "optimizer": opt.state_dict(),
+                     "scheduler": sched.state_dict(), "generator": generator.get_state(),
+                     "torch_rng": torch.get_rng_state(), "best_state": best_state, "best_key": list(best_key),
+                     "best_epoch": result.best_epoch, "best_val_accuracy": result.best_val_accuracy,
+                     "history": result.history, "bad_epochs": bad_epochs, "batch_size": batch_size,
+                     "stopped_early": result.stopped_early}
+            if ema is not None:
+                state["ema"] = ema.state_dict()
+            if device == "cuda":
+                state["cuda_rng"] = torch.cuda.get_rng_state()
+            save_checkpoint(checkpoint, state)
         if on_epoch:
             on_epoch(row)
     result.seconds = time.perf_counter() - started
@@ -180,7 +536,12 @@ def config_from_params(params: Any) -> TrainConfig:
     return TrainConfig(model=t.model, image_size=t.image_size, epochs=t.epochs, batch_size=t.batch_size,
                        optimizer=t.optimizer, lr=t.lr, weight_decay=t.weight_decay,
                        label_smoothing=t.label_smoothing, hflip=t.hflip, translate=t.translate,
-                       device=t.device, seed=params.base.seed)
+                       device=t.device, seed=params.base.seed, scheduler=t.scheduler,
+                       warmup_epochs=t.warmup_epochs, patience=t.patience, grad_clip=t.grad_clip,
+                       class_weights=t.class_weights, ema_decay=t.ema_decay, mixup_alpha=t.mixup_alpha,
+                       cutmix_alpha=t.cutmix_alpha, random_erasing=t.random_erasing,
+                       trivial_augment=t.trivial_augment, pretrained=t.pretrained,
+                       freeze_epochs=t.freeze_epochs, backbone_lr_mult=t.backbone_lr_mult, compile=t.compile)
 
 
 def seed_everything(seed: int) -> None:
@@ -196,26 +557,54 @@ def seed_everything(seed: int) -> None:
     torch.use_deterministic_algorithms(True, warn_only=True)
 
 
-def train(cfg: TrainConfig, *, raw_dir: Path, splits_dir: Path, dataset_mode: str, out_dir: Path,
-          on_epoch: Callable[[dict[str, float]], None] | None = None) -> TrainResult:
-    """Core: splits + images -> trained model saved in out_dir (weights, class map, preprocessing)."""
+@dataclass
+class Prepared:
+    classes: list[str]
+    spec: Preprocess
+    train: tuple["torch.Tensor", "torch.Tensor"]
+    val: tuple["torch.Tensor", "torch.Tensor"]
+
+
+def prepare(cfg: TrainConfig, *, raw_dir: Path, splits_dir: Path, dataset_mode: str) -> Prepared:
+    """Read the splits, fix the class map and the model's input spec, decode train and val once."""
     import pandas as pd
 
-    from tasks.models import build_model, input_mode, save_model
+    from tasks.models import input_mode
 
-    seed_everything(cfg.seed)
     frames = {name: pd.read_csv(splits_dir / f"{name}.csv", dtype={"label": str}) for name in ("train", "val")}
     classes = sorted(set(frames["train"]["label"]) | set(frames["val"]["label"]))
     class_index = {c: i for i, c in enumerate(classes)}
     spec = Preprocess.for_mode(input_mode(cfg.model, dataset_mode), cfg.image_size)
-    train_data = load_split(frames["train"], raw_dir, spec, class_index)
-    val_data = load_split(frames["val"], raw_dir, spec, class_index)
-    model = build_model(cfg.model, num_classes=len(classes), in_channels=spec.channels)
-    result, best_state = fit(model, train_data, val_data, spec, cfg, on_epoch=on_epoch)
+    return Prepared(classes, spec, load_split(frames["train"], raw_dir, spec, class_index),
+                    load_split(frames["val"], raw_dir, spec, class_index))
+
+
+def train(cfg: TrainConfig, *, raw_dir: Path, splits_dir: Path, dataset_mode: str, out_dir: Path,
+          on_epoch: Callable[[dict[str, float]], None] | None = None,
+          checkpoint_root: Path | None = None) -> TrainResult:
+    """Core: splits + images -> trained model saved in out_dir (weights, class map, preprocessing).
+
+    With checkpoint_root, a killed run resumes from <root>/<hash of config and data>/last.pt; the
+    checkpoint is removed once the model is saved."""
+    from tasks.models import build_model, save_model
+
+    seed_everything(cfg.seed)
+    data = prepare(cfg, raw_dir=raw_dir, splits_dir=splits_dir, dataset_mode=dataset_mode)
+    model = build_model(cfg.model, num_classes=len(data.classes), in_channels=data.spec.channels,
+                        pretrained=cfg.pretrained)
+    ckpt = None
+    if checkpoint_root is not None:
+        ckpt = checkpoint_root / run_key(cfg, splits_dir, raw_dir.parent / "manifest.csv") / "last.pt"
+    result, best_state = fit(model, data.train, data.val, data.spec, cfg, on_epoch=on_epoch, checkpoint=ckpt)
+    if distributed_rank()[0] != 0:
+        return result  # DDP: the other ranks hold the same weights; rank 0 saves them
     model.load_state_dict(best_state)
-    save_model(out_dir, model, name=cfg.model, classes=classes, preprocess=spec,
-               extra={"best_epoch": result.best_epoch, "best_val_accuracy": result.best_val_accuracy})
+    save_model(out_dir, model, name=cfg.model, classes=data.classes, preprocess=data.spec,
+               extra={"best_epoch": result.best_epoch, "best_val_accuracy": result.best_val_accuracy,
+                      "batch_size": result.batch_size})
     write_json(out_dir / "history.json", result.history)
+    if ckpt is not None:
+        ckpt.unlink(missing_ok=True)
     return result
 
 
@@ -245,7 +634,6 @@ def main() -> None:
     import json
 
     import mlflow
-    import torch
     from rich.console import Console
 
     from tasks import tracking
@@ -259,6 +647,11 @@ def main() -> None:
     from tasks.validate import dataset_mode
 
     mode = dataset_mode(pd.read_csv(MANIFEST, dtype={"label": str}))
+    init_distributed(resolve_device(cfg.device))
+    if distributed_rank()[0] != 0:  # torchrun: only rank 0 tracks, checkpoints and saves
+        train(cfg, raw_dir=RAW_DIR, splits_dir=SPLITS_DIR, dataset_mode=mode, out_dir=OUT_DIR,
+              checkpoint_root=CHECKPOINT_ROOT)
+        return
     tracking.configure(params.register_.tracking_uri, params.register_.experiment)
 
     def report(row: dict[str, float]) -> None:
@@ -269,19 +662,23 @@ def main() -> None:
 
     with mlflow.start_run(run_name=f"train-{cfg.model}") as run:
         mlflow.log_params(tracking.flatten(params.to_dict()))
-        mlflow.set_tags({"imgclf.stage": "train", "device": resolve_device(cfg.device),
-                         "torch": torch.__version__, "python": platform.python_version(),
-                         "host.cpus": str(torch.get_num_threads())})
+        device = resolve_device(cfg.device)
+        mlflow.set_tags({"imgclf.stage": "train", **hardware_info(device),
+                         "world_size": str(distributed_rank()[1])})
         try:
             result = train(cfg, raw_dir=RAW_DIR, splits_dir=SPLITS_DIR, dataset_mode=mode, out_dir=OUT_DIR,
-                           on_epoch=report)
+                           on_epoch=report, checkpoint_root=CHECKPOINT_ROOT)
         except TrainingError as exc:
             mlflow.set_tag("imgclf.failed", str(exc))
             console.print(f"[red]training failed:[/] {exc}")
             raise SystemExit(1) from None
         write_resolved(params, OUT_DIR / "params.yaml")
         plot_curves(result.history, OUT_DIR / "curves.png")
-        mlflow.log_metrics({"best_val_accuracy": result.best_val_accuracy, "train_seconds": result.seconds})
+        mlflow.log_metrics({"best_val_accuracy": result.best_val_accuracy, "train_seconds": result.seconds,
+                            "effective_batch_size": result.batch_size, "oom_retries": result.oom_retries,
+                            "epochs_run": len(result.history)})
+        mlflow.set_tags({"imgclf.resumed_from_epoch": str(result.resumed_from_epoch),
+                         "imgclf.stopped_early": str(result.stopped_early)})
         mlflow.log_artifact(str(OUT_DIR / "curves.png"), "plots")
         mlflow.log_dict(json.loads((OUT_DIR / "model.json").read_text()), "model_meta.json")
         model_uri = tracking.log_serving_model(OUT_DIR)

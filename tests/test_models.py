@@ -45,3 +45,41 @@ def test_save_and_load_roundtrip_gives_identical_outputs_without_pickle(tmp_path
         assert torch.equal(model(x), loaded(x))
     assert meta["classes"] == ["a", "b", "c", "d"]
     assert Preprocess.from_dict(meta["preprocess"]) == spec
+
+
+def test_pretrained_weights_file_fills_the_backbone_and_a_new_head_is_made(tmp_path: Path):
+    from safetensors.torch import save_file
+
+    torch.manual_seed(1)
+    imagenet_like = build_model("resnet18", num_classes=1000)
+    source = imagenet_like.state_dict()
+    for path in (tmp_path / "r18.pth", tmp_path / "r18.safetensors"):
+        if path.suffix == ".pth":
+            torch.save(source, path)
+        else:
+            save_file({k: v.contiguous() for k, v in source.items()}, str(path))
+        model = build_model("resnet18", num_classes=3, pretrained=str(path))
+        own = model.state_dict()
+        assert own["fc.weight"].shape == (3, 512)
+        assert all(torch.equal(own[k], source[k]) for k in own if not k.startswith("fc."))
+        assert model.eval()(torch.zeros(1, 3, 64, 64)).shape == (1, 3)
+
+
+def test_a_weights_file_for_another_architecture_is_a_clear_error(tmp_path: Path):
+    torch.save(build_model("smallcnn", num_classes=10, in_channels=3).state_dict(), tmp_path / "w.pth")
+    with pytest.raises(ValueError, match="does not fit ResNet"):
+        build_model("resnet18", num_classes=3, pretrained=str(tmp_path / "w.pth"))
+    with pytest.raises(FileNotFoundError):
+        build_model("resnet18", num_classes=3, pretrained=str(tmp_path / "missing.pth"))
+
+
+@pytest.mark.parametrize("name,head", [("resnet18", "fc"), ("mobilenet_v3_small", "classifier.3"),
+                                       ("efficientnet_b0", "classifier.1"), ("convnext_tiny", "classifier.2"),
+                                       ("vit_b_16", "heads.head"), ("smallcnn", "20")])
+def test_the_classifier_head_is_found_and_replaced_for_each_family(name, head):
+    from tasks.models import head_name, replace_head
+
+    model = build_model(name, num_classes=5, in_channels=3)
+    assert head_name(model) == head
+    replace_head(model, 7)
+    assert model.get_submodule(head).out_features == 7
