@@ -281,6 +281,19 @@ def reproduce(
     raise typer.Exit(0 if ok else 1)
 
 
+@app.command("lr-find")
+def lr_find() -> None:
+    """Learning-rate range test on the train split: reports/lr_find.png + .json and a suggested train.lr."""
+    root = project_root()
+    if not (root / "data/splits/train.csv").exists():
+        console.print("[red]no data/splits yet:[/] run `imgclf run` (or `dvc repro split`) first")
+        raise typer.Exit(2)
+    os.chdir(root)
+    from tasks.lr_find import main as run_lr_find
+
+    run_lr_find()
+
+
 @app.command()
 def server(port: Annotated[int, typer.Option(help="Port on 127.0.0.1.")] = 4200) -> None:
     """Start a Prefect server on 127.0.0.1 (for `imgclf schedule`, deployments and the Prefect UI)."""

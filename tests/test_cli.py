@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 IMGCLF = str(Path(sys.executable).parent / "imgclf")
-COMMANDS = ["run", "predict", "promote", "rollback", "history", "ui", "schedule", "server", "reproduce"]
+COMMANDS = ["run", "predict", "promote", "rollback", "history", "ui", "schedule", "server", "reproduce", "lr-find"]
 
 
 @pytest.mark.parametrize("command", COMMANDS)

@@ -69,6 +69,7 @@ def project(tmp_path_factory) -> tuple[Path, dict[str, str]]:
         "promote.min_accuracy": 0.0, "promote.min_macro_f1": 0.0,
     })
     env = _env(tmp)
+    env["PYTHONPATH"] = str(dest)  # the CLI imports the copy's code, not the installed checkout's
     subprocess.run(["git", "init", "-q"], cwd=dest, check=True, env=env)
     # A local folder as the DVC remote: runs that register a model push there, `reproduce` pulls from it.
     subprocess.run([sys.executable, "-m", "dvc", "remote", "add", "-d", "local", str(tmp / "dvc-remote")],
