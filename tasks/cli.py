@@ -136,18 +136,25 @@ def predict(
         console.print(f"[red]cannot load {uri}:[/] {exc}")
         raise typer.Exit(1) from None
     rows, errors = [], []
-    for f in files:  # decoded one by one so a bad file is reported, not fatal
+    for start in range(0, len(files), 256):
+        chunk = [str(f) for f in files[start:start + 256]]
         try:
-            rows.append((str(f), loaded.predict(pd.DataFrame({"image": [str(f)]}))))
-        except Exception as exc:
-            errors.append((str(f), f"{type(exc).__name__}: {exc}"))
-    frame = pd.concat([r.assign(path=p) for p, r in rows], ignore_index=True) if rows else pd.DataFrame()
+            rows.append(loaded.predict(pd.DataFrame({"image": chunk})).assign(path=chunk))
+            continue
+        except Exception:
+            pass  # some file in this chunk is bad: go one by one so it is reported, not fatal
+        for f in chunk:
+            try:
+                rows.append(loaded.predict(pd.DataFrame({"image": [f]})).assign(path=[f]))
+            except Exception as exc:
+                errors.append((f, f"{type(exc).__name__}: {exc}"))
+    frame = pd.concat(rows, ignore_index=True) if rows else pd.DataFrame()
     if errors:
         frame = pd.concat([frame, pd.DataFrame({"path": [p for p, _ in errors], "error": [e for _, e in errors]})],
                           ignore_index=True)
     cols = ["path"] + [c for c in frame.columns if c != "path"]
     frame[cols].to_csv(out, index=False)
-    console.print(f"{len(rows)} predicted, {len(errors)} unreadable -> {out} (model {uri})")
+    console.print(f"{len(frame) - len(errors)} predicted, {len(errors)} unreadable -> {out} (model {uri})")
     if errors:
         raise typer.Exit(1)
 

@@ -162,6 +162,14 @@ def test_predict_uses_the_champion_without_unpickling(project, tmp_path):
     assert res.returncode == 0, res.stdout + res.stderr
     lines = out.read_text().splitlines()
     assert lines[0].startswith("path,label,probability") and len(lines) == 16
+    bad = tmp_path / "notes.png"
+    bad.write_text("not an image")
+    res = imgclf(project, "predict", "data/raw/circle/circle_00.png", str(bad), "--out", str(out))
+    assert res.returncode == 1 and "1 predicted, 1 unreadable" in res.stdout
+    import pandas as pd
+
+    frame = pd.read_csv(out)
+    assert len(frame) == 2 and frame["error"].notna().tolist() == [False, True]
 
 
 def test_manual_promote_history_and_rollback(project):

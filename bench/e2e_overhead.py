@@ -1,0 +1,73 @@
+"""End-to-end overhead: `imgclf run` on a generated dataset next to a bare torch script that trains the
+same model on the same images for the same epochs with the same seed. One JSON line, bench/results/.
+
+    python bench/e2e_overhead.py [--images 5000] [--epochs 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import BIN, env, make_dataset, project_copy, tempdir, timed, write_result  # noqa: E402
+
+BARE = r'''
+import sys, time, numpy as np, torch, torch.nn.functional as F
+from pathlib import Path
+from PIL import Image
+sys.path.insert(0, sys.argv[3])
+from tasks.models import build_model          # the same architecture, nothing else from the pipeline
+root, epochs = Path(sys.argv[1]), int(sys.argv[2])
+torch.manual_seed(42)
+files = sorted(root.rglob("*.png"))
+labels = sorted({f.parent.name for f in files})
+x = torch.from_numpy(np.stack([np.asarray(Image.open(f).convert("L")) for f in files]))[:, None]
+y = torch.tensor([labels.index(f.parent.name) for f in files])
+idx = torch.randperm(len(x)); n_train = int(0.7 * len(x)); tr, te = idx[:n_train], idx[n_train:]
+model = build_model("smallcnn", num_classes=len(labels), in_channels=1)
+opt = torch.optim.AdamW(model.parameters(), lr=0.003, weight_decay=0.0005)
+sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.003, epochs=epochs, steps_per_epoch=-(-n_train // 64), pct_start=0.2)
+norm = lambda b: (b.float() / 255 - 0.5) / 0.5
+for epoch in range(epochs):
+    model.train()
+    order = tr[torch.randperm(n_train)]
+    for s in range(0, n_train, 64):
+        b = order[s:s + 64]
+        loss = F.cross_entropy(model(norm(x[b])), y[b], label_smoothing=0.05)
+        opt.zero_grad(); loss.backward(); opt.step(); sched.step()
+model.eval()
+with torch.no_grad():
+    acc = (model(norm(x[te])).argmax(1) == y[te]).float().mean().item()
+print(acc)
+'''
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--images", type=int, default=5000)
+    ap.add_argument("--epochs", type=int, default=3)
+    args = ap.parse_args()
+    tmp = tempdir("e2e")
+    data = make_dataset(tmp / "images", n_images=args.images)
+    project = project_copy(tmp, {"ingest.source": str(data), "ingest.watch": str(data), "train.epochs": args.epochs,
+                                 "promote.min_accuracy": 0.0, "promote.min_macro_f1": 0.0})
+    e = env(tmp)
+    (tmp / "bare.py").write_text(BARE)
+    bare = timed([sys.executable, str(tmp / "bare.py"), str(data), str(args.epochs), str(project)], tmp, e)
+    pipeline = timed([str(BIN / "imgclf"), "run"], project, e)
+    overhead = pipeline - bare
+    accuracy = json.loads((project / "reports/metrics.json").read_text())["accuracy"]
+    write_result("e2e_overhead", {
+        "images": args.images, "epochs": args.epochs, "pipeline_s": round(pipeline, 1), "bare_s": round(bare, 1),
+        "overhead_s": round(overhead, 1), "ratio": round(pipeline / bare, 2), "pipeline_test_accuracy": accuracy,
+        "target": "overhead < 15 s + 5% of the bare run", "within_target": overhead < 15 + 0.05 * bare,
+    })
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
