@@ -91,3 +91,15 @@ def timed(cmd: list[str], cwd: Path, e: dict[str, str]) -> float:
 
 def tempdir(name: str) -> Path:
     return Path(tempfile.mkdtemp(prefix=f"imgclf-bench-{name}-"))
+
+
+def trained_project(name: str, *, n_images: int, epochs: int) -> tuple[Path, Path, Path, dict[str, str], float]:
+    """(tmp, dataset, project, env, seconds of that run) after one real `imgclf run` on a generated dataset
+    (gate floors off)."""
+    tmp = tempdir(name)
+    data = make_dataset(tmp / "images", n_images=n_images)
+    project = project_copy(tmp, {"ingest.source": str(data), "ingest.watch": str(data), "train.epochs": epochs,
+                                 "promote.min_accuracy": 0.0, "promote.min_macro_f1": 0.0})
+    e = env(tmp)
+    first = timed([str(BIN / "imgclf"), "run"], project, e)
+    return tmp, data, project, e, first

@@ -14,19 +14,14 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import BIN, env, make_dataset, project_copy, tempdir, timed, write_result  # noqa: E402
+from _common import BIN, timed, trained_project, write_result  # noqa: E402
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--images", type=int, default=1000)
     args = ap.parse_args()
-    tmp = tempdir("inference")
-    data = make_dataset(tmp / "images", n_images=args.images)
-    project = project_copy(tmp, {"ingest.source": str(data), "ingest.watch": str(data), "train.epochs": 1,
-                                 "promote.min_accuracy": 0.0, "promote.min_macro_f1": 0.0})
-    e = env(tmp)
-    timed([str(BIN / "imgclf"), "run"], project, e)
+    tmp, data, project, e, _ = trained_project("inference", n_images=args.images, epochs=1)
     predict_s = timed([str(BIN / "imgclf"), "predict", str(data), "--out", str(tmp / "pred.csv")], project, e)
     startup_s = timed([str(BIN / "imgclf"), "predict", str(next(data.rglob("*.png"))), "--out",
                        str(tmp / "one.csv")], project, e)

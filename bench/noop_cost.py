@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import BIN, env, make_dataset, project_copy, tempdir, timed, write_result  # noqa: E402
+from _common import BIN, timed, trained_project, write_result  # noqa: E402
 
 
 def main() -> None:
@@ -20,12 +20,7 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=500)
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
-    tmp = tempdir("noop")
-    data = make_dataset(tmp / "images", n_images=args.images)
-    project = project_copy(tmp, {"ingest.source": str(data), "ingest.watch": str(data), "train.epochs": 1,
-                                 "promote.min_accuracy": 0.0, "promote.min_macro_f1": 0.0})
-    e = env(tmp)
-    first = timed([str(BIN / "imgclf"), "run"], project, e)
+    tmp, _, project, e, first = trained_project("noop", n_images=args.images, epochs=1)
     dvc = [timed([sys.executable, "-m", "dvc", "repro"], project, e) for _ in range(args.repeats)]
     run = [timed([str(BIN / "imgclf"), "run"], project, e) for _ in range(args.repeats)]
     write_result("noop_cost", {

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 from tasks.cv import LABEL_ISSUE_COLUMNS
 from tasks.io import replace_dir, sha256_file, staging_dir, write_json, write_text
 from tasks.plots import plot_confusion  # noqa: F401  (public: the confusion figure lives with the plots)
+from tasks.predict import predict_logits
 
 if TYPE_CHECKING:
     import numpy as np
@@ -162,22 +163,6 @@ def bootstrap_ci(pred: "np.ndarray", targets: "np.ndarray", num_classes: int, *,
     tail = (1 - level) / 2 * 100
     bounds = lambda x: [float(v) for v in np.percentile(np.concatenate(x), [tail, 100 - tail])]  # noqa: E731
     return {"accuracy": bounds(acc), "macro_f1": bounds(f1)}
-
-
-def predict_logits(model: "nn.Module", images: "torch.Tensor", spec: "Preprocess", *,
-                   batch_size: int = 256) -> "torch.Tensor":
-    """uint8 N x C x H x W -> raw logits N x K (eval mode, no grad, on the model's device)."""
-    import torch
-
-    from tasks.preprocess import normalize
-
-    device = next(model.parameters()).device
-    model.eval()
-    out = []
-    with torch.inference_mode():
-        for start in range(0, len(images), batch_size):
-            out.append(model(normalize(images[start:start + batch_size].to(device), spec)).float().cpu())
-    return torch.cat(out) if out else torch.empty(0, 0)
 
 
 # --- slices --------------------------------------------------------------------------------------------------

@@ -4,7 +4,7 @@ import onnx
 import pytest
 import torch
 
-from tasks.evaluate import predict_logits
+from tasks.predict import predict_logits
 from tasks.export import check_onnx, measure_latency, onnx_logits, onnx_session, parity, torch_latency_ms
 from tasks.models import build_model
 from tasks.preprocess import Preprocess
