@@ -47,6 +47,54 @@ def run_stage(root: str, stage: str) -> list[str]:
     return [s.addressing for s in ran]
 
 
+def run_experiment(root: str, name: str, overrides: dict[str, Any]) -> dict[str, Any]:
+    """Train and evaluate one sweep candidate as the DVC experiment `name`; returns its validation metric.
+
+    Experiments run in the workspace (so MLflow logs to the project's store), one at a time per project:
+    a file lock serialises them across threads and worker processes on this machine."""
+    import subprocess
+
+    from filelock import FileLock
+    from tasks.sweep import METRIC, set_args
+
+    _stage_env()
+    cmd = [sys.executable, "-m", "dvc", "exp", "run", "-n", name, *set_args(overrides)]
+    with FileLock(str(Path(root) / ".imgclf" / "experiment.lock")):
+        proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"experiment {name} failed:\n{(proc.stdout + proc.stderr)[-4000:]}")
+        model = _read(Path(root) / "models/candidate/model.json")
+    return {"name": name, "overrides": overrides, METRIC: model.get(METRIC)}
+
+
+def apply_experiment(root: str, name: str) -> None:
+    """Make the chosen experiment the workspace's state (params, dvc.lock and outputs)."""
+    import subprocess
+
+    proc = subprocess.run([sys.executable, "-m", "dvc", "exp", "apply", name], cwd=root, capture_output=True,
+                          text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"dvc exp apply {name} failed:\n{(proc.stdout + proc.stderr)[-4000:]}")
+
+
+def run_sweep(root: Path, candidates: list[dict[str, Any]], logger) -> dict[str, Any]:
+    """Each candidate as a mapped task (parallel as far as the task runner allows); the best is applied."""
+    from prefect import unmapped
+
+    from tasks.sweep import METRIC, choose_best, experiment_names
+
+    names = experiment_names(time.strftime("%Y%m%d-%H%M%S"), len(candidates))
+    exp_task = task(run_experiment, name="experiment", timeout_seconds=STAGE_TIMEOUT_S["train"])
+    futures = exp_task.map(unmapped(str(root)), names, candidates)
+    results = [f.result() for f in futures]
+    best = choose_best(results)
+    for res in results:
+        logger.info("sweep %s %s: %s=%s%s", res["name"], res["overrides"], METRIC, res[METRIC],
+                    "  <- best" if res is best else "")
+    task(apply_experiment, name="apply-best")(str(root), best["name"])
+    return {"candidates": results, "best": best["name"], "metric": METRIC}
+
+
 class RunFailed(RuntimeError):
     """The flow did its work but must end Failed (gate refused, promotion conflict); carries the summary."""
 
@@ -246,8 +294,11 @@ def _publish(root: Path, summary: dict[str, Any]) -> None:
 
 @flow(name="retrain", log_prints=True, on_failure=[_notify_failure], on_crashed=[_notify_failure])
 def retrain(overrides: dict[str, Any] | None = None, source: str | None = None, allow_promotion: bool = True,
-            project_dir: str | None = None) -> dict[str, Any]:
-    """Ingest -> validate -> split -> train -> evaluate (through DVC), then register and promote."""
+            project_dir: str | None = None, sweep: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """Ingest -> validate -> split -> train -> evaluate (through DVC), then register and promote.
+
+    With `sweep` (a list of override dicts), train+evaluate run once per candidate as DVC experiments
+    and the best by validation accuracy is applied to the workspace before registering."""
     logger = get_run_logger()
     root = project_root(Path(project_dir) if project_dir else None)
     overrides = dict(overrides or {})
@@ -258,12 +309,21 @@ def retrain(overrides: dict[str, Any] | None = None, source: str | None = None, 
     with run_lock(root, wait_s), overridden(root / "params.yaml", overrides):
         params = load_params(root / "params.yaml")
         ran: list[str] = []
-        for stage in STAGES:
+        swept = None
+        if sweep:
+            from tasks.sweep import validate_sweep
+            from tasks.config import read_raw
+
+            sweep = validate_sweep(sweep, read_raw(root / "params.yaml"))
+        for stage in (STAGES[:3] if sweep else STAGES):
             stage_task = task(run_stage, name=stage, timeout_seconds=STAGE_TIMEOUT_S[stage],
                               retries=2 if stage == "ingest" else 0, retry_delay_seconds=10)
             did = stage_task(str(root), stage)
             logger.info("%s: %s", stage, "ran" if did else "up to date")
             ran += did
+        if sweep:
+            swept = run_sweep(root, sweep, logger)
+            ran += ["train", "evaluate"]
         result = register_gate_promote(str(root), allow_promotion=allow_promotion)
     metrics = json.loads((root / "reports/metrics.json").read_text())
     ingest = json.loads((root / "data/ingest.json").read_text())
@@ -277,6 +337,8 @@ def retrain(overrides: dict[str, Any] | None = None, source: str | None = None, 
         "accuracy": metrics["accuracy"], "macro_f1": metrics["macro_f1"], "overrides": overrides,
         "seconds": round(time.time() - started, 1), **result,
     }
+    if swept:
+        summary["sweep"] = swept
     stamp = time.strftime("%Y%m%d-%H%M%S")
     write_resolved(params, root / "runs" / stamp / "params.yaml")
     (root / "runs" / stamp / "summary.json").write_text(json.dumps(summary, indent=2, default=str))

@@ -49,6 +49,7 @@ def run(
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override a param for this run: section.key=value (repeatable).")] = None,
     source: Annotated[Optional[str], typer.Option(help="Override ingest.source (and ingest.watch) for this run.")] = None,
     promote: Annotated[bool, typer.Option("--promote/--no-promote", help="Allow moving `champion`.")] = True,
+    sweep: Annotated[Optional[Path], typer.Option(help="YAML list of override mappings; each is trained and evaluated as a DVC experiment, the best (val accuracy) becomes the candidate.")] = None,
 ) -> None:
     """One retraining run of the whole flow: ingest, validate, split, train, evaluate, register, promote."""
     root = project_root()
@@ -56,7 +57,16 @@ def run(
         overrides = parse_overrides(set_ or [])
         if source:
             overrides.setdefault("ingest.watch", source)
-        load_params(root / "params.yaml", {**overrides, **({"ingest.source": source} if source else {})})
+        params = load_params(root / "params.yaml", {**overrides, **({"ingest.source": source} if source else {})})
+        candidates = None
+        if sweep:
+            from tasks.config import apply_overrides, read_raw
+            from tasks.sweep import parse_sweep_file
+
+            candidates = parse_sweep_file(sweep, apply_overrides(read_raw(root / "params.yaml"), overrides))
+        from tasks.sweep import resolve_task_runner
+
+        runner = resolve_task_runner(params.schedule.task_runner)
     except ParamsError as exc:
         console.print(f"[red]{exc}[/]")
         raise typer.Exit(2) from None
@@ -65,7 +75,8 @@ def run(
 
     console.print(f"[bold]imgclf run[/] in {root}" + (f" with overrides {overrides}" if overrides else ""))
     try:
-        summary = retrain(overrides=overrides, source=source, allow_promotion=promote, project_dir=str(root))
+        summary = retrain.with_options(task_runner=runner)(
+            overrides=overrides, source=source, allow_promotion=promote, project_dir=str(root), sweep=candidates)
     except RunBusy as exc:
         console.print(f"[yellow]{exc}[/]")
         raise typer.Exit(3) from None
@@ -76,6 +87,11 @@ def run(
     except Exception as exc:  # the stage already printed its own detail
         console.print(f"[red bold]run failed:[/] {exc}")
         raise typer.Exit(1) from None
+    if summary.get("sweep"):
+        for cand in summary["sweep"]["candidates"]:
+            mark = "  <- candidate" if cand["name"] == summary["sweep"]["best"] else ""
+            console.print(f"sweep {cand['name']} {json.dumps(cand['overrides'])}: "
+                          f"{summary['sweep']['metric']}={cand[summary['sweep']['metric']]}{mark}")
     _print_summary(summary)
 
 

@@ -194,6 +194,7 @@ class ScheduleParams(_Section):
     timezone: str = "UTC"
     webhook_url: str | None = None
     wait_for_lock_s: float = Field(0, ge=0)
+    task_runner: Literal["thread", "dask", "ray"] = "thread"
 
 
 class Params(_Section):
