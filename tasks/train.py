@@ -26,6 +26,9 @@ OUT_DIR = Path("models/candidate")
 CHECKPOINT_ROOT = Path(".imgclf/checkpoints")
 CPU_MAX_BATCH = 256
 MAX_OOM_RETRIES = 3
+ERASE_SCALE, ERASE_RATIO = (0.02, 0.33), (0.3, 3.3)
+# What fit()'s on_batch callback receives, once per training step.
+BATCH_FIELDS = ("epoch", "epochs", "step", "steps", "images", "loss", "accuracy", "lr", "throughput")
 
 
 class TrainingError(RuntimeError):
@@ -55,7 +58,9 @@ class TrainConfig:
     mixup_alpha: float = 0.0
     cutmix_alpha: float = 0.0
     random_erasing: float = 0.0  # probability per image
-    trivial_augment: bool = False
+    auto_augment: str = "none"  # none | trivial (TrivialAugmentWide) | randaugment (RandAugment), per image
+    random_resized_crop: bool = False  # RandomResizedCrop per image on the decoded cache (to image_size)
+    rrc_scale: tuple[float, float] = (0.08, 1.0)  # RandomResizedCrop area range
     pretrained: str | None = None  # torchvision weights name or a local state_dict file
     freeze_epochs: int = 0  # head-only epochs at the start (pretrained models)
     backbone_lr_mult: float = 0.1  # backbone lr = lr * this when pretrained
@@ -205,7 +210,8 @@ def augment(batch: "torch.Tensor", *, translate: float, hflip: bool, generator: 
 
 
 def random_erase(batch: "torch.Tensor", *, p: float, generator: "torch.Generator",
-                 scale: tuple[float, float] = (0.02, 0.33), ratio: tuple[float, float] = (0.3, 3.3)) -> "torch.Tensor":
+                 scale: tuple[float, float] = ERASE_SCALE, ratio: tuple[float, float] = ERASE_RATIO,
+                 ) -> "torch.Tensor":
     """Batched RandomErasing: each image, with probability p, gets one random rectangle set to 0 (the mean)."""
     import torch
 
@@ -224,13 +230,73 @@ def random_erase(batch: "torch.Tensor", *, p: float, generator: "torch.Generator
     return batch.masked_fill(mask.unsqueeze(1).to(batch.device), 0.0)
 
 
-def trivial_augment(batch: "torch.Tensor") -> "torch.Tensor":
-    """TrivialAugmentWide per image on uint8 (on whatever device the batch is); uses torch's global RNG."""
-    import torch
+RRC_RATIO = (3 / 4, 4 / 3)
+RANDAUGMENT = {"num_ops": 2, "magnitude": 9}
+
+
+def presets(cfg: TrainConfig, spec: Preprocess) -> dict[str, Any]:
+    """The resolved train and eval presets, in the order they run; saved in model.json under `presets`.
+
+    Defined once: sample_ops() builds the per-image transforms.v2 ops from the same settings, and the
+    eval preset is tasks/preprocess.py's policy (used for the decoded cache, evaluation and serving)."""
+    decode = [{"op": "Resize", "shorter_side": spec.size, "antialias": True},
+              {"op": "CenterCrop", "size": [spec.size, spec.size]}]
+    norm = {"op": "Normalize", "mean": list(spec.mean), "std": list(spec.std)}
+    train: list[dict[str, Any]] = [dict(d, stage="decode") for d in decode]
+    if cfg.random_resized_crop:
+        train.append({"op": "RandomResizedCrop", "stage": "per_image", "size": [spec.size, spec.size],
+                      "scale": list(cfg.rrc_scale), "ratio": list(RRC_RATIO), "antialias": True})
+    if cfg.auto_augment == "trivial":
+        train.append({"op": "TrivialAugmentWide", "stage": "per_image"})
+    elif cfg.auto_augment == "randaugment":
+        train.append({"op": "RandAugment", "stage": "per_image", **RANDAUGMENT})
+    train.append(dict(norm, stage="batch"))
+    if cfg.hflip:
+        train.append({"op": "RandomHorizontalFlip", "stage": "batch", "p": 0.5})
+    if cfg.translate > 0:
+        train.append({"op": "RandomTranslate", "stage": "batch", "max_fraction": cfg.translate})
+    if cfg.random_erasing > 0:
+        train.append({"op": "RandomErasing", "stage": "batch", "p": cfg.random_erasing,
+                      "scale": list(ERASE_SCALE), "ratio": list(ERASE_RATIO), "value": 0.0})
+    mixes = [{"op": name, "alpha": alpha} for name, alpha in (("MixUp", cfg.mixup_alpha),
+                                                              ("CutMix", cfg.cutmix_alpha)) if alpha > 0]
+    if mixes:
+        train.append({"op": "RandomChoice", "stage": "batch", "of": mixes} if len(mixes) > 1
+                     else dict(mixes[0], stage="batch"))
+    return {"train": train, "eval": [*decode, norm], "mode": spec.mode, "image_size": spec.size}
+
+
+def sample_ops(cfg: TrainConfig, spec: Preprocess) -> Callable | None:
+    """The per-image transforms.v2 ops of the train preset (on uint8 C x S x S), or None when there are none."""
     from torchvision.transforms import v2
 
-    op = v2.TrivialAugmentWide()
+    ops: list[Callable] = []
+    if cfg.random_resized_crop:
+        ops.append(v2.RandomResizedCrop([spec.size, spec.size], scale=tuple(cfg.rrc_scale), ratio=RRC_RATIO,
+                                        antialias=True))
+    if cfg.auto_augment == "trivial":
+        ops.append(v2.TrivialAugmentWide())
+    elif cfg.auto_augment == "randaugment":
+        ops.append(v2.RandAugment(**RANDAUGMENT))
+    elif cfg.auto_augment != "none":
+        raise ValueError(f"train.auto_augment: {cfg.auto_augment!r} is not none, trivial or randaugment")
+    if not ops:
+        return None
+    return ops[0] if len(ops) == 1 else v2.Compose(ops)
+
+
+def per_image(batch: "torch.Tensor", op: Callable) -> "torch.Tensor":
+    """Apply a transforms.v2 op to each uint8 image of a batch (each its own draw; torch's global RNG)."""
+    import torch
+
     return torch.stack([op(img) for img in batch])
+
+
+def trivial_augment(batch: "torch.Tensor") -> "torch.Tensor":
+    """TrivialAugmentWide per image on uint8 (on whatever device the batch is); uses torch's global RNG."""
+    from torchvision.transforms import v2
+
+    return per_image(batch, v2.TrivialAugmentWide())
 
 
 def _mix(cfg: TrainConfig, num_classes: int) -> Callable | None:
@@ -348,9 +414,13 @@ def _scheduler(opt: "torch.optim.Optimizer", cfg: TrainConfig, steps_per_epoch: 
 
 def fit(model: "nn.Module", train: tuple["torch.Tensor", "torch.Tensor"], val: tuple["torch.Tensor", "torch.Tensor"],
         spec: Preprocess, cfg: TrainConfig, *, on_epoch: Callable[[dict[str, float]], None] | None = None,
+        on_batch: Callable[[dict[str, float]], None] | None = None,
         checkpoint: Path | None = None, max_oom_retries: int = MAX_OOM_RETRIES,
         ) -> tuple[TrainResult, dict[str, "torch.Tensor"]]:
     """Train; return the history and the best-on-validation weights.
+
+    on_epoch(row) gets each epoch's history row; on_batch(row) is called once per training step with
+    BATCH_FIELDS (epoch, epochs, step, steps, images, loss, accuracy, lr, throughput), for progress bars.
 
     With `checkpoint`, the state is saved there atomically after every epoch and a rerun resumes from it.
     CUDA out-of-memory halves the batch size and restarts (at most max_oom_retries times)."""
@@ -368,7 +438,8 @@ def fit(model: "nn.Module", train: tuple["torch.Tensor", "torch.Tensor"], val: t
     for attempt in range(max_oom_retries + 1):
         try:
             result, best = _fit(model, train, val, spec, cfg, device=device, batch_size=batch_size,
-                                num_classes=num_classes, on_epoch=on_epoch, checkpoint=checkpoint, saved=saved)
+                                num_classes=num_classes, on_epoch=on_epoch, on_batch=on_batch,
+                                checkpoint=checkpoint, saved=saved)
             result.oom_retries = attempt
             return result, best
         except torch.cuda.OutOfMemoryError as exc:
@@ -390,7 +461,8 @@ def fit(model: "nn.Module", train: tuple["torch.Tensor", "torch.Tensor"], val: t
 def _fit(model: "nn.Module", train: tuple["torch.Tensor", "torch.Tensor"], val: tuple["torch.Tensor", "torch.Tensor"],
          spec: Preprocess, cfg: TrainConfig, *, device: str, batch_size: int, num_classes: int,
          on_epoch: Callable[[dict[str, float]], None] | None, checkpoint: Path | None,
-         saved: dict[str, Any] | None) -> tuple[TrainResult, dict[str, "torch.Tensor"]]:
+         saved: dict[str, Any] | None, on_batch: Callable[[dict[str, float]], None] | None = None,
+         ) -> tuple[TrainResult, dict[str, "torch.Tensor"]]:
     import torch
     import torch.nn.functional as F
 
@@ -422,6 +494,7 @@ def _fit(model: "nn.Module", train: tuple["torch.Tensor", "torch.Tensor"], val: 
     weight = class_weights(y_train, num_classes, cfg.class_weights)
     weight = weight.to(device) if weight is not None else None
     mix = _mix(cfg, num_classes)
+    per_image_ops = sample_ops(cfg, spec)
     result = TrainResult(device=device, batch_size=batch_size)
     best_state: dict[str, torch.Tensor] = {}
     best_key = (-1.0, float("-inf"))
@@ -458,11 +531,12 @@ def _fit(model: "nn.Module", train: tuple["torch.Tensor", "torch.Tensor"], val: 
         if world > 1:
             order = order[:per_rank * world][rank::world]
         seen, loss_sum, correct = 0, 0.0, 0
-        for start in range(0, len(order), batch_size):
+        steps = math.ceil(len(order) / batch_size)
+        for step, start in enumerate(range(0, len(order), batch_size), 1):
             idx = order[start:start + batch_size]
             x = x_train[idx].to(device, non_blocking=True)
-            if cfg.trivial_augment:
-                x = trivial_augment(x)
+            if per_image_ops is not None:
+                x = per_image(x, per_image_ops)
             x = normalize(x, spec)
             x = augment(x, translate=cfg.translate, hflip=cfg.hflip, generator=generator)
             if cfg.random_erasing > 0:
@@ -488,8 +562,13 @@ def _fit(model: "nn.Module", train: tuple["torch.Tensor", "torch.Tensor"], val: 
             if ema is not None:
                 ema.update_parameters(model)
             seen += len(idx)
-            loss_sum += loss.item() * len(idx)
+            batch_loss = loss.item()
+            loss_sum += batch_loss * len(idx)
             correct += (logits.argmax(1) == y).sum().item()
+            if on_batch is not None:
+                on_batch({"epoch": epoch, "epochs": cfg.epochs, "step": step, "steps": steps, "images": seen,
+                          "loss": batch_loss, "accuracy": correct / seen, "lr": sched.get_last_lr()[-1],
+                          "throughput": seen / max(time.perf_counter() - t0, 1e-9)})
         train_seconds = time.perf_counter() - t0
         if world > 1:
             totals = torch.tensor([seen, loss_sum, correct], dtype=torch.float64)
@@ -540,7 +619,8 @@ def config_from_params(params: Any) -> TrainConfig:
                        warmup_epochs=t.warmup_epochs, patience=t.patience, grad_clip=t.grad_clip,
                        class_weights=t.class_weights, ema_decay=t.ema_decay, mixup_alpha=t.mixup_alpha,
                        cutmix_alpha=t.cutmix_alpha, random_erasing=t.random_erasing,
-                       trivial_augment=t.trivial_augment, pretrained=t.pretrained,
+                       auto_augment=t.auto_augment, random_resized_crop=t.random_resized_crop,
+                       rrc_scale=tuple(t.rrc_scale), pretrained=t.pretrained,
                        freeze_epochs=t.freeze_epochs, backbone_lr_mult=t.backbone_lr_mult, compile=t.compile)
 
 
@@ -581,6 +661,7 @@ def prepare(cfg: TrainConfig, *, raw_dir: Path, splits_dir: Path, dataset_mode: 
 
 def train(cfg: TrainConfig, *, raw_dir: Path, splits_dir: Path, dataset_mode: str, out_dir: Path,
           on_epoch: Callable[[dict[str, float]], None] | None = None,
+          on_batch: Callable[[dict[str, float]], None] | None = None,
           checkpoint_root: Path | None = None) -> TrainResult:
     """Core: splits + images -> trained model saved in out_dir (weights, class map, preprocessing).
 
@@ -595,13 +676,14 @@ def train(cfg: TrainConfig, *, raw_dir: Path, splits_dir: Path, dataset_mode: st
     ckpt = None
     if checkpoint_root is not None:
         ckpt = checkpoint_root / run_key(cfg, splits_dir, raw_dir.parent / "manifest.csv") / "last.pt"
-    result, best_state = fit(model, data.train, data.val, data.spec, cfg, on_epoch=on_epoch, checkpoint=ckpt)
+    result, best_state = fit(model, data.train, data.val, data.spec, cfg, on_epoch=on_epoch, on_batch=on_batch,
+                             checkpoint=ckpt)
     if distributed_rank()[0] != 0:
         return result  # DDP: the other ranks hold the same weights; rank 0 saves them
     model.load_state_dict(best_state)
     save_model(out_dir, model, name=cfg.model, classes=data.classes, preprocess=data.spec,
                extra={"best_epoch": result.best_epoch, "best_val_accuracy": result.best_val_accuracy,
-                      "batch_size": result.batch_size})
+                      "batch_size": result.batch_size, "presets": presets(cfg, data.spec)})
     write_json(out_dir / "history.json", result.history)
     if ckpt is not None:
         ckpt.unlink(missing_ok=True)
@@ -629,6 +711,61 @@ def plot_curves(history: list[dict[str, float]], dest: Path) -> None:
     plt.close(fig)
 
 
+def epoch_line(row: dict[str, float], epochs: int) -> str:
+    """The one-line-per-epoch log (what non-terminal stderr gets: DVC, Prefect, CI)."""
+    return (f"epoch {int(row['epoch']):>3}/{epochs}  loss {row['train/loss']:.4f}  "
+            f"val_loss {row['val/loss']:.4f}  val_acc {row['val/accuracy']:.4f}  "
+            f"lr {row['lr']:.2e}  {row['throughput']:.0f} img/s")
+
+
+class ProgressReporter:
+    """Live rich progress on a terminal (an epoch bar and a per-batch bar); one line per epoch otherwise.
+
+    Use as a context manager; pass .on_batch (None when not live) and .on_epoch to fit()/train()."""
+
+    def __init__(self, console: Any, epochs: int, *, live: bool | None = None) -> None:
+        self.console, self.epochs = console, epochs
+        self.live = console.is_terminal if live is None else live
+        self.progress: Any = None
+        self._epoch_task = self._batch_task = None
+
+    def __enter__(self) -> "ProgressReporter":
+        if self.live:
+            from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                                       TimeRemainingColumn)
+
+            self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                     TextColumn("{task.fields[stats]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+                                     console=self.console, transient=False)
+            self.progress.start()
+            self._epoch_task = self.progress.add_task("epochs", total=self.epochs, stats="")
+            self._batch_task = self.progress.add_task("batches", total=None, stats="")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+
+    @property
+    def on_batch(self) -> Callable[[dict[str, float]], None] | None:
+        return self._batch if self.live else None
+
+    def _batch(self, row: dict[str, float]) -> None:
+        self.progress.update(self._batch_task, total=int(row["steps"]), completed=int(row["step"]),
+                             description=f"epoch {int(row['epoch'])}/{int(row['epochs'])}",
+                             stats=f"loss {row['loss']:.4f}  acc {row['accuracy']:.3f}  lr {row['lr']:.2e}  "
+                                   f"{row['throughput']:.0f} img/s")
+
+    def on_epoch(self, row: dict[str, float]) -> None:
+        line = epoch_line(row, self.epochs)
+        if self.progress is None:
+            self.console.print(line)
+            return
+        self.progress.console.print(line)
+        self.progress.update(self._epoch_task, completed=int(row["epoch"]),
+                             stats=f"val_acc {row['val/accuracy']:.4f}")
+
+
 def main() -> None:
     """DVC stage entry point: train, then record everything in one MLflow run."""
     import json
@@ -654,11 +791,11 @@ def main() -> None:
         return
     tracking.configure(params.register_.tracking_uri, params.register_.experiment)
 
+    reporter = ProgressReporter(console, cfg.epochs)
+
     def report(row: dict[str, float]) -> None:
         mlflow.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=int(row["epoch"]))
-        console.print(f"epoch {int(row['epoch']):>3}/{cfg.epochs}  loss {row['train/loss']:.4f}  "
-                      f"val_loss {row['val/loss']:.4f}  val_acc {row['val/accuracy']:.4f}  "
-                      f"lr {row['lr']:.2e}  {row['throughput']:.0f} img/s")
+        reporter.on_epoch(row)
 
     with mlflow.start_run(run_name=f"train-{cfg.model}") as run:
         mlflow.log_params(tracking.flatten(params.to_dict()))
@@ -666,8 +803,9 @@ def main() -> None:
         mlflow.set_tags({"imgclf.stage": "train", **hardware_info(device),
                          "world_size": str(distributed_rank()[1])})
         try:
-            result = train(cfg, raw_dir=RAW_DIR, splits_dir=SPLITS_DIR, dataset_mode=mode, out_dir=OUT_DIR,
-                           on_epoch=report, checkpoint_root=CHECKPOINT_ROOT)
+            with reporter:
+                result = train(cfg, raw_dir=RAW_DIR, splits_dir=SPLITS_DIR, dataset_mode=mode, out_dir=OUT_DIR,
+                               on_epoch=report, on_batch=reporter.on_batch, checkpoint_root=CHECKPOINT_ROOT)
         except TrainingError as exc:
             mlflow.set_tag("imgclf.failed", str(exc))
             console.print(f"[red]training failed:[/] {exc}")
