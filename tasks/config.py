@@ -133,6 +133,9 @@ class TrainParams(_Section):
     freeze_epochs: int = Field(0, ge=0)
     backbone_lr_mult: float = Field(0.1, gt=0)
     compile: bool = False
+    in_memory: bool | Literal["auto"] = "auto"
+    cache_max_gb: float = Field(4.0, gt=0)
+    num_workers: Annotated[int, Field(ge=0)] | Literal["auto"] = "auto"
 
     @model_validator(mode="before")
     @classmethod

@@ -65,6 +65,9 @@ class TrainConfig:
     freeze_epochs: int = 0  # head-only epochs at the start (pretrained models)
     backbone_lr_mult: float = 0.1  # backbone lr = lr * this when pretrained
     compile: bool = False
+    in_memory: bool | str = "auto"  # True: decode once into RAM; False: stream files; "auto": cache if < cache_max_gb
+    cache_max_gb: float = 4.0
+    num_workers: int | str = "auto"  # streaming DataLoader workers; "auto": min(4, cpus)
 
 
 @dataclass
@@ -179,15 +182,72 @@ def resolve_batch_size(cfg: TrainConfig, model: "nn.Module", spec: Preprocess, *
 
 
 def load_split(frame: "pd.DataFrame", raw_dir: Path, spec: Preprocess,
-               class_index: dict[str, int]) -> tuple["torch.Tensor", "torch.Tensor"]:
-    """Decode a split once into uint8 N x C x S x S plus int64 labels (the in-memory fast path)."""
+               class_index: dict[str, int], *, in_memory: bool = True,
+               ) -> tuple["torch.Tensor | DecodedFiles", "torch.Tensor"]:
+    """Decode a split once into uint8 N x C x S x S plus int64 labels (the in-memory fast path);
+    in_memory=False: the files, decoded on demand (streaming), plus the labels."""
     import torch
 
+    if not in_memory:
+        labels = torch.tensor([class_index[str(c)] for c in frame["label"]], dtype=torch.int64)
+        return DecodedFiles([str(raw_dir / rel) for rel in frame["path"]], spec), labels
     images = torch.empty((len(frame), spec.channels, spec.size, spec.size), dtype=torch.uint8)
     for i, rel in enumerate(frame["path"]):
         images[i] = load_tensor(raw_dir / rel, spec)
     labels = torch.tensor([class_index[str(c)] for c in frame["label"]], dtype=torch.int64)
     return images, labels
+
+
+class DecodedFiles:
+    """A split read from disk on demand (the streaming path): item i -> uint8 C x S x S via load_tensor.
+
+    Map-style for torch's DataLoader (int index); a tensor/list/slice of indices returns a stacked batch,
+    like indexing the in-memory cache."""
+
+    def __init__(self, paths: list[str], spec: Preprocess) -> None:
+        self.paths, self.spec = paths, spec
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: Any) -> "torch.Tensor":
+        import torch
+
+        if isinstance(index, int):
+            return load_tensor(self.paths[index], self.spec)
+        picks = range(len(self))[index] if isinstance(index, slice) else [int(i) for i in index]
+        return torch.stack([load_tensor(self.paths[i], self.spec) for i in picks])
+
+
+def use_cache(in_memory: bool | str, n_images: int, spec: Preprocess, cache_max_gb: float) -> bool:
+    """True: decode once into a uint8 cache; False: stream. "auto": cache when N*C*S*S bytes < the cap."""
+    if in_memory != "auto":
+        return bool(in_memory)
+    return n_images * spec.channels * spec.size * spec.size < cache_max_gb * 2**30
+
+
+def resolve_workers(num_workers: int | str) -> int:
+    import os
+
+    return min(4, os.cpu_count() or 1) if num_workers == "auto" else int(num_workers)
+
+
+def iter_batches(images: "torch.Tensor | DecodedFiles", chunks: list["torch.Tensor"], *, num_workers: int = 0,
+                 pin_memory: bool = False):
+    """uint8 batches for the given index chunks: slices of the cache, or a DataLoader over the files."""
+    import torch
+
+    if isinstance(images, torch.Tensor):
+        for idx in chunks:
+            yield images[idx]
+        return
+    from torch.utils.data import DataLoader
+
+    # Its own generator: a DataLoader draws a worker base seed, which must not move torch's global RNG
+    # (dropout, per-image augmentation and MixUp draw from it: streaming trains like the cache).
+    loader = DataLoader(images, batch_sampler=[c.tolist() for c in chunks], num_workers=num_workers,
+                        pin_memory=pin_memory, generator=torch.Generator().manual_seed(0))
+    yield from loader
 
 
 def augment(batch: "torch.Tensor", *, translate: float, hflip: bool, generator: "torch.Generator") -> "torch.Tensor":
@@ -323,16 +383,18 @@ def class_weights(labels: "torch.Tensor", num_classes: int, mode: str) -> "torch
     return len(labels) / (num_classes * counts)
 
 
-def _evaluate(model: "nn.Module", images: "torch.Tensor", labels: "torch.Tensor", spec: Preprocess,
-              device: str, batch_size: int) -> tuple[float, float]:
+def _evaluate(model: "nn.Module", images: "torch.Tensor | DecodedFiles", labels: "torch.Tensor", spec: Preprocess,
+              device: str, batch_size: int, num_workers: int = 0) -> tuple[float, float]:
     import torch
     import torch.nn.functional as F
 
     model.eval()
     total_loss, correct = 0.0, 0
+    chunks = list(torch.arange(len(images)).split(batch_size))
+    batches = iter_batches(images, chunks, num_workers=num_workers, pin_memory=device == "cuda")
     with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=device == "cuda"):
-        for start in range(0, len(images), batch_size):
-            x = normalize(images[start:start + batch_size].to(device), spec)
+        for start, batch in zip(range(0, len(images), batch_size), batches):
+            x = normalize(batch.to(device), spec)
             if device == "cuda":
                 x = x.contiguous(memory_format=torch.channels_last)
             y = labels[start:start + batch_size].to(device)
@@ -495,6 +557,8 @@ def _fit(model: "nn.Module", train: tuple["torch.Tensor", "torch.Tensor"], val: 
     weight = weight.to(device) if weight is not None else None
     mix = _mix(cfg, num_classes)
     per_image_ops = sample_ops(cfg, spec)
+    streaming = not isinstance(x_train, torch.Tensor)
+    workers = resolve_workers(cfg.num_workers) if streaming else 0
     result = TrainResult(device=device, batch_size=batch_size)
     best_state: dict[str, torch.Tensor] = {}
     best_key = (-1.0, float("-inf"))
@@ -531,10 +595,11 @@ def _fit(model: "nn.Module", train: tuple["torch.Tensor", "torch.Tensor"], val: 
         if world > 1:
             order = order[:per_rank * world][rank::world]
         seen, loss_sum, correct = 0, 0.0, 0
-        steps = math.ceil(len(order) / batch_size)
-        for step, start in enumerate(range(0, len(order), batch_size), 1):
-            idx = order[start:start + batch_size]
-            x = x_train[idx].to(device, non_blocking=True)
+        chunks = list(order.split(batch_size))
+        steps = len(chunks)
+        batches = iter_batches(x_train, chunks, num_workers=workers, pin_memory=device == "cuda")
+        for step, (idx, x) in enumerate(zip(chunks, batches), 1):
+            x = x.to(device, non_blocking=True)
             if per_image_ops is not None:
                 x = per_image(x, per_image_ops)
             x = normalize(x, spec)
@@ -579,7 +644,7 @@ def _fit(model: "nn.Module", train: tuple["torch.Tensor", "torch.Tensor"], val: 
                 for tensor in module.state_dict().values():
                     torch.distributed.broadcast(tensor, 0)
         scored = ema.module if ema is not None else model
-        val_loss, val_acc = _evaluate(scored, *val, spec, device, batch_size * 4)
+        val_loss, val_acc = _evaluate(scored, *val, spec, device, batch_size * 4, num_workers=workers)
         row = {"epoch": epoch, "train/loss": loss_sum / seen, "train/accuracy": correct / seen,
                "val/loss": val_loss, "val/accuracy": val_acc, "lr": sched.get_last_lr()[-1],
                "throughput": seen / train_seconds}
@@ -621,7 +686,8 @@ def config_from_params(params: Any) -> TrainConfig:
                        cutmix_alpha=t.cutmix_alpha, random_erasing=t.random_erasing,
                        auto_augment=t.auto_augment, random_resized_crop=t.random_resized_crop,
                        rrc_scale=tuple(t.rrc_scale), pretrained=t.pretrained,
-                       freeze_epochs=t.freeze_epochs, backbone_lr_mult=t.backbone_lr_mult, compile=t.compile)
+                       freeze_epochs=t.freeze_epochs, backbone_lr_mult=t.backbone_lr_mult, compile=t.compile,
+                       in_memory=t.in_memory, cache_max_gb=t.cache_max_gb, num_workers=t.num_workers)
 
 
 def seed_everything(seed: int) -> None:
@@ -641,8 +707,9 @@ def seed_everything(seed: int) -> None:
 class Prepared:
     classes: list[str]
     spec: Preprocess
-    train: tuple["torch.Tensor", "torch.Tensor"]
-    val: tuple["torch.Tensor", "torch.Tensor"]
+    train: tuple["torch.Tensor | DecodedFiles", "torch.Tensor"]
+    val: tuple["torch.Tensor | DecodedFiles", "torch.Tensor"]
+    in_memory: bool = True
 
 
 def prepare(cfg: TrainConfig, *, raw_dir: Path, splits_dir: Path, dataset_mode: str) -> Prepared:
@@ -655,8 +722,9 @@ def prepare(cfg: TrainConfig, *, raw_dir: Path, splits_dir: Path, dataset_mode: 
     classes = sorted(set(frames["train"]["label"]) | set(frames["val"]["label"]))
     class_index = {c: i for i, c in enumerate(classes)}
     spec = Preprocess.for_mode(input_mode(cfg.model, dataset_mode), cfg.image_size)
-    return Prepared(classes, spec, load_split(frames["train"], raw_dir, spec, class_index),
-                    load_split(frames["val"], raw_dir, spec, class_index))
+    cached = use_cache(cfg.in_memory, sum(len(f) for f in frames.values()), spec, cfg.cache_max_gb)
+    return Prepared(classes, spec, load_split(frames["train"], raw_dir, spec, class_index, in_memory=cached),
+                    load_split(frames["val"], raw_dir, spec, class_index, in_memory=cached), cached)
 
 
 def train(cfg: TrainConfig, *, raw_dir: Path, splits_dir: Path, dataset_mode: str, out_dir: Path,

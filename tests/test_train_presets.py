@@ -128,3 +128,64 @@ def test_randaugment_option_runs_per_image_on_uint8(mode):
     out = per_image(x, op)
     assert out.shape == x.shape and out.dtype == torch.uint8
     assert not torch.equal(out, x)
+
+
+def _splits(tmp_path, image_folder):
+    import pandas as pd
+
+    rows = [(f"{p.parent.name}/{p.name}", p.parent.name) for p in sorted(image_folder.rglob("*.png"))]
+    splits = tmp_path / "splits"
+    splits.mkdir()
+    pd.DataFrame(rows[0::2], columns=["path", "label"]).to_csv(splits / "train.csv", index=False)
+    pd.DataFrame(rows[1::2], columns=["path", "label"]).to_csv(splits / "val.csv", index=False)
+    return splits
+
+
+def test_in_memory_auto_caches_under_the_cap_and_streams_over_it():
+    from tasks.train import use_cache
+
+    spec = Preprocess.for_mode("RGB", 224)  # 150,528 bytes per image
+    assert use_cache("auto", 1000, spec, 4.0) and not use_cache("auto", 30_000, spec, 4.0)
+    assert use_cache(True, 10**9, spec, 0.001) and not use_cache(False, 1, spec, 4.0)
+
+
+def test_streaming_and_in_memory_paths_give_the_same_batches_and_the_same_training(tmp_path, image_folder):
+    from tasks.train import DecodedFiles, iter_batches, prepare
+
+    splits = _splits(tmp_path, image_folder)
+    kw = dict(raw_dir=image_folder, splits_dir=splits, dataset_mode="L")
+    cached = prepare(_cfg(in_memory=True), **kw)
+    streamed = prepare(_cfg(in_memory=False), **kw)
+    assert cached.in_memory and not streamed.in_memory and isinstance(streamed.train[0], DecodedFiles)
+    assert torch.equal(cached.train[1], streamed.train[1]) and cached.classes == streamed.classes
+    order = torch.randperm(len(cached.train[1]), generator=torch.Generator().manual_seed(0))
+    chunks = list(order.split(5))
+    a = list(iter_batches(cached.train[0], chunks))
+    b = list(iter_batches(streamed.train[0], chunks, num_workers=2))
+    assert [x.shape for x in a] == [x.shape for x in b] and all(torch.equal(x, y) for x, y in zip(a, b))
+    assert [cached.train[1][c].tolist() for c in chunks] == [streamed.train[1][c].tolist() for c in chunks]
+    assert torch.equal(streamed.train[0][chunks[0]], a[0])  # batch indexing like the cache (lr_find)
+
+    def run(data, cfg):
+        torch.manual_seed(3)
+        model = build_model("smallcnn", num_classes=3, in_channels=1)
+        return fit(model, data.train, data.val, data.spec, cfg)[0].history
+
+    strip = lambda h: [{k: v for k, v in r.items() if k != "throughput"} for r in h]  # noqa: E731
+    cfg = _cfg(batch_size=8, in_memory=False, num_workers=1)
+    assert strip(run(cached, cfg)) == strip(run(streamed, cfg))
+
+
+def test_a_run_with_in_memory_false_trains_and_saves(tmp_path, image_folder):
+    import json
+
+    from tasks.models import load_model
+    from tasks.train import train
+
+    splits = _splits(tmp_path, image_folder)
+    result = train(_cfg(batch_size=8, in_memory=False, num_workers=0), raw_dir=image_folder, splits_dir=splits,
+                   dataset_mode="L", out_dir=tmp_path / "m")
+    assert len(result.history) == 2 and all(math.isfinite(r["train/loss"]) for r in result.history)
+    model, meta = load_model(tmp_path / "m")
+    assert meta["classes"] == ["cat", "dog", "fish"]
+    assert json.loads((tmp_path / "m" / "model.json").read_text())["presets"]["eval"]
