@@ -126,14 +126,35 @@ class TrainParams(_Section):
     mixup_alpha: float = Field(0.0, ge=0)
     cutmix_alpha: float = Field(0.0, ge=0)
     random_erasing: float = Field(0.0, ge=0, le=1)
-    trivial_augment: bool = False
+    auto_augment: Literal["none", "trivial", "randaugment"] = "none"
+    random_resized_crop: bool = False
+    rrc_scale: tuple[float, float] = (0.08, 1.0)
     pretrained: str | None = None
     freeze_epochs: int = Field(0, ge=0)
     backbone_lr_mult: float = Field(0.1, gt=0)
     compile: bool = False
+    in_memory: bool | Literal["auto"] = "auto"
+    cache_max_gb: float = Field(4.0, gt=0)
+    num_workers: Annotated[int, Field(ge=0)] | Literal["auto"] = "auto"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _legacy_trivial_augment(cls, data: Any) -> Any:
+        """`trivial_augment: true` (before auto_augment existed) still means auto_augment: trivial."""
+        if isinstance(data, dict) and "trivial_augment" in data:
+            data = dict(data)
+            legacy = data.pop("trivial_augment")
+            if legacy and data.get("auto_augment", "none") not in ("none", "trivial"):
+                raise ValueError("train.trivial_augment is replaced by train.auto_augment; set only auto_augment")
+            if legacy:
+                data["auto_augment"] = "trivial"
+        return data
 
     @model_validator(mode="after")
     def _check_schedule(self) -> "TrainParams":
+        low, high = self.rrc_scale
+        if not 0 < low <= high <= 1:
+            raise ValueError("train.rrc_scale must be [low, high] with 0 < low <= high <= 1")
         if self.scheduler == "cosine" and self.warmup_epochs >= self.epochs:
             raise ValueError("train.warmup_epochs must be smaller than train.epochs")
         if self.freeze_epochs >= self.epochs:

@@ -26,6 +26,9 @@ OUT_DIR = Path("models/candidate")
 CHECKPOINT_ROOT = Path(".imgclf/checkpoints")
 CPU_MAX_BATCH = 256
 MAX_OOM_RETRIES = 3
+ERASE_SCALE, ERASE_RATIO = (0.02, 0.33), (0.3, 3.3)
+# What fit()'s on_batch callback receives, once per training step.
+BATCH_FIELDS = ("epoch", "epochs", "step", "steps", "images", "loss", "accuracy", "lr", "throughput")
 
 
 class TrainingError(RuntimeError):
@@ -55,11 +58,16 @@ class TrainConfig:
     mixup_alpha: float = 0.0
     cutmix_alpha: float = 0.0
     random_erasing: float = 0.0  # probability per image
-    trivial_augment: bool = False
+    auto_augment: str = "none"  # none | trivial (TrivialAugmentWide) | randaugment (RandAugment), per image
+    random_resized_crop: bool = False  # RandomResizedCrop per image on the decoded cache (to image_size)
+    rrc_scale: tuple[float, float] = (0.08, 1.0)  # RandomResizedCrop area range
     pretrained: str | None = None  # torchvision weights name or a local state_dict file
     freeze_epochs: int = 0  # head-only epochs at the start (pretrained models)
     backbone_lr_mult: float = 0.1  # backbone lr = lr * this when pretrained
     compile: bool = False
+    in_memory: bool | str = "auto"  # True: decode once into RAM; False: stream files; "auto": cache if < cache_max_gb
+    cache_max_gb: float = 4.0
+    num_workers: int | str = "auto"  # streaming DataLoader workers; "auto": min(4, cpus)
 
 
 @dataclass
@@ -174,15 +182,72 @@ def resolve_batch_size(cfg: TrainConfig, model: "nn.Module", spec: Preprocess, *
 
 
 def load_split(frame: "pd.DataFrame", raw_dir: Path, spec: Preprocess,
-               class_index: dict[str, int]) -> tuple["torch.Tensor", "torch.Tensor"]:
-    """Decode a split once into uint8 N x C x S x S plus int64 labels (the in-memory fast path)."""
+               class_index: dict[str, int], *, in_memory: bool = True,
+               ) -> tuple["torch.Tensor | DecodedFiles", "torch.Tensor"]:
+    """Decode a split once into uint8 N x C x S x S plus int64 labels (the in-memory fast path);
+    in_memory=False: the files, decoded on demand (streaming), plus the labels."""
     import torch
 
+    if not in_memory:
+        labels = torch.tensor([class_index[str(c)] for c in frame["label"]], dtype=torch.int64)
+        return DecodedFiles([str(raw_dir / rel) for rel in frame["path"]], spec), labels
     images = torch.empty((len(frame), spec.channels, spec.size, spec.size), dtype=torch.uint8)
     for i, rel in enumerate(frame["path"]):
         images[i] = load_tensor(raw_dir / rel, spec)
     labels = torch.tensor([class_index[str(c)] for c in frame["label"]], dtype=torch.int64)
     return images, labels
+
+
+class DecodedFiles:
+    """A split read from disk on demand (the streaming path): item i -> uint8 C x S x S via load_tensor.
+
+    Map-style for torch's DataLoader (int index); a tensor/list/slice of indices returns a stacked batch,
+    like indexing the in-memory cache."""
+
+    def __init__(self, paths: list[str], spec: Preprocess) -> None:
+        self.paths, self.spec = paths, spec
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: Any) -> "torch.Tensor":
+        import torch
+
+        if isinstance(index, int):
+            return load_tensor(self.paths[index], self.spec)
+        picks = range(len(self))[index] if isinstance(index, slice) else [int(i) for i in index]
+        return torch.stack([load_tensor(self.paths[i], self.spec) for i in picks])
+
+
+def use_cache(in_memory: bool | str, n_images: int, spec: Preprocess, cache_max_gb: float) -> bool:
+    """True: decode once into a uint8 cache; False: stream. "auto": cache when N*C*S*S bytes < the cap."""
+    if in_memory != "auto":
+        return bool(in_memory)
+    return n_images * spec.channels * spec.size * spec.size < cache_max_gb * 2**30
+
+
+def resolve_workers(num_workers: int | str) -> int:
+    import os
+
+    return min(4, os.cpu_count() or 1) if num_workers == "auto" else int(num_workers)
+
+
+def iter_batches(images: "torch.Tensor | DecodedFiles", chunks: list["torch.Tensor"], *, num_workers: int = 0,
+                 pin_memory: bool = False):
+    """uint8 batches for the given index chunks: slices of the cache, or a DataLoader over the files."""
+    import torch
+
+    if isinstance(images, torch.Tensor):
+        for idx in chunks:
+            yield images[idx]
+        return
+    from torch.utils.data import DataLoader
+
+    # Its own generator: a DataLoader draws a worker base seed, which must not move torch's global RNG
+    # (dropout, per-image augmentation and MixUp draw from it: streaming trains like the cache).
+    loader = DataLoader(images, batch_sampler=[c.tolist() for c in chunks], num_workers=num_workers,
+                        pin_memory=pin_memory, generator=torch.Generator().manual_seed(0))
+    yield from loader
 
 
 def augment(batch: "torch.Tensor", *, translate: float, hflip: bool, generator: "torch.Generator") -> "torch.Tensor":
@@ -205,7 +270,8 @@ def augment(batch: "torch.Tensor", *, translate: float, hflip: bool, generator: 
 
 
 def random_erase(batch: "torch.Tensor", *, p: float, generator: "torch.Generator",
-                 scale: tuple[float, float] = (0.02, 0.33), ratio: tuple[float, float] = (0.3, 3.3)) -> "torch.Tensor":
+                 scale: tuple[float, float] = ERASE_SCALE, ratio: tuple[float, float] = ERASE_RATIO,
+                 ) -> "torch.Tensor":
     """Batched RandomErasing: each image, with probability p, gets one random rectangle set to 0 (the mean)."""
     import torch
 
@@ -224,13 +290,73 @@ def random_erase(batch: "torch.Tensor", *, p: float, generator: "torch.Generator
     return batch.masked_fill(mask.unsqueeze(1).to(batch.device), 0.0)
 
 
-def trivial_augment(batch: "torch.Tensor") -> "torch.Tensor":
-    """TrivialAugmentWide per image on uint8 (on whatever device the batch is); uses torch's global RNG."""
-    import torch
+RRC_RATIO = (3 / 4, 4 / 3)
+RANDAUGMENT = {"num_ops": 2, "magnitude": 9}
+
+
+def presets(cfg: TrainConfig, spec: Preprocess) -> dict[str, Any]:
+    """The resolved train and eval presets, in the order they run; saved in model.json under `presets`.
+
+    Defined once: sample_ops() builds the per-image transforms.v2 ops from the same settings, and the
+    eval preset is tasks/preprocess.py's policy (used for the decoded cache, evaluation and serving)."""
+    decode = [{"op": "Resize", "shorter_side": spec.size, "antialias": True},
+              {"op": "CenterCrop", "size": [spec.size, spec.size]}]
+    norm = {"op": "Normalize", "mean": list(spec.mean), "std": list(spec.std)}
+    train: list[dict[str, Any]] = [dict(d, stage="decode") for d in decode]
+    if cfg.random_resized_crop:
+        train.append({"op": "RandomResizedCrop", "stage": "per_image", "size": [spec.size, spec.size],
+                      "scale": list(cfg.rrc_scale), "ratio": list(RRC_RATIO), "antialias": True})
+    if cfg.auto_augment == "trivial":
+        train.append({"op": "TrivialAugmentWide", "stage": "per_image"})
+    elif cfg.auto_augment == "randaugment":
+        train.append({"op": "RandAugment", "stage": "per_image", **RANDAUGMENT})
+    train.append(dict(norm, stage="batch"))
+    if cfg.hflip:
+        train.append({"op": "RandomHorizontalFlip", "stage": "batch", "p": 0.5})
+    if cfg.translate > 0:
+        train.append({"op": "RandomTranslate", "stage": "batch", "max_fraction": cfg.translate})
+    if cfg.random_erasing > 0:
+        train.append({"op": "RandomErasing", "stage": "batch", "p": cfg.random_erasing,
+                      "scale": list(ERASE_SCALE), "ratio": list(ERASE_RATIO), "value": 0.0})
+    mixes = [{"op": name, "alpha": alpha} for name, alpha in (("MixUp", cfg.mixup_alpha),
+                                                              ("CutMix", cfg.cutmix_alpha)) if alpha > 0]
+    if mixes:
+        train.append({"op": "RandomChoice", "stage": "batch", "of": mixes} if len(mixes) > 1
+                     else dict(mixes[0], stage="batch"))
+    return {"train": train, "eval": [*decode, norm], "mode": spec.mode, "image_size": spec.size}
+
+
+def sample_ops(cfg: TrainConfig, spec: Preprocess) -> Callable | None:
+    """The per-image transforms.v2 ops of the train preset (on uint8 C x S x S), or None when there are none."""
     from torchvision.transforms import v2
 
-    op = v2.TrivialAugmentWide()
+    ops: list[Callable] = []
+    if cfg.random_resized_crop:
+        ops.append(v2.RandomResizedCrop([spec.size, spec.size], scale=tuple(cfg.rrc_scale), ratio=RRC_RATIO,
+                                        antialias=True))
+    if cfg.auto_augment == "trivial":
+        ops.append(v2.TrivialAugmentWide())
+    elif cfg.auto_augment == "randaugment":
+        ops.append(v2.RandAugment(**RANDAUGMENT))
+    elif cfg.auto_augment != "none":
+        raise ValueError(f"train.auto_augment: {cfg.auto_augment!r} is not none, trivial or randaugment")
+    if not ops:
+        return None
+    return ops[0] if len(ops) == 1 else v2.Compose(ops)
+
+
+def per_image(batch: "torch.Tensor", op: Callable) -> "torch.Tensor":
+    """Apply a transforms.v2 op to each uint8 image of a batch (each its own draw; torch's global RNG)."""
+    import torch
+
     return torch.stack([op(img) for img in batch])
+
+
+def trivial_augment(batch: "torch.Tensor") -> "torch.Tensor":
+    """TrivialAugmentWide per image on uint8 (on whatever device the batch is); uses torch's global RNG."""
+    from torchvision.transforms import v2
+
+    return per_image(batch, v2.TrivialAugmentWide())
 
 
 def _mix(cfg: TrainConfig, num_classes: int) -> Callable | None:
@@ -257,16 +383,18 @@ def class_weights(labels: "torch.Tensor", num_classes: int, mode: str) -> "torch
     return len(labels) / (num_classes * counts)
 
 
-def _evaluate(model: "nn.Module", images: "torch.Tensor", labels: "torch.Tensor", spec: Preprocess,
-              device: str, batch_size: int) -> tuple[float, float]:
+def _evaluate(model: "nn.Module", images: "torch.Tensor | DecodedFiles", labels: "torch.Tensor", spec: Preprocess,
+              device: str, batch_size: int, num_workers: int = 0) -> tuple[float, float]:
     import torch
     import torch.nn.functional as F
 
     model.eval()
     total_loss, correct = 0.0, 0
+    chunks = list(torch.arange(len(images)).split(batch_size))
+    batches = iter_batches(images, chunks, num_workers=num_workers, pin_memory=device == "cuda")
     with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=device == "cuda"):
-        for start in range(0, len(images), batch_size):
-            x = normalize(images[start:start + batch_size].to(device), spec)
+        for start, batch in zip(range(0, len(images), batch_size), batches):
+            x = normalize(batch.to(device), spec)
             if device == "cuda":
                 x = x.contiguous(memory_format=torch.channels_last)
             y = labels[start:start + batch_size].to(device)
@@ -348,9 +476,13 @@ def _scheduler(opt: "torch.optim.Optimizer", cfg: TrainConfig, steps_per_epoch: 
 
 def fit(model: "nn.Module", train: tuple["torch.Tensor", "torch.Tensor"], val: tuple["torch.Tensor", "torch.Tensor"],
         spec: Preprocess, cfg: TrainConfig, *, on_epoch: Callable[[dict[str, float]], None] | None = None,
+        on_batch: Callable[[dict[str, float]], None] | None = None,
         checkpoint: Path | None = None, max_oom_retries: int = MAX_OOM_RETRIES,
         ) -> tuple[TrainResult, dict[str, "torch.Tensor"]]:
     """Train; return the history and the best-on-validation weights.
+
+    on_epoch(row) gets each epoch's history row; on_batch(row) is called once per training step with
+    BATCH_FIELDS (epoch, epochs, step, steps, images, loss, accuracy, lr, throughput), for progress bars.
 
     With `checkpoint`, the state is saved there atomically after every epoch and a rerun resumes from it.
     CUDA out-of-memory halves the batch size and restarts (at most max_oom_retries times)."""
@@ -368,7 +500,8 @@ def fit(model: "nn.Module", train: tuple["torch.Tensor", "torch.Tensor"], val: t
     for attempt in range(max_oom_retries + 1):
         try:
             result, best = _fit(model, train, val, spec, cfg, device=device, batch_size=batch_size,
-                                num_classes=num_classes, on_epoch=on_epoch, checkpoint=checkpoint, saved=saved)
+                                num_classes=num_classes, on_epoch=on_epoch, on_batch=on_batch,
+                                checkpoint=checkpoint, saved=saved)
             result.oom_retries = attempt
             return result, best
         except torch.cuda.OutOfMemoryError as exc:
@@ -390,7 +523,8 @@ def fit(model: "nn.Module", train: tuple["torch.Tensor", "torch.Tensor"], val: t
 def _fit(model: "nn.Module", train: tuple["torch.Tensor", "torch.Tensor"], val: tuple["torch.Tensor", "torch.Tensor"],
          spec: Preprocess, cfg: TrainConfig, *, device: str, batch_size: int, num_classes: int,
          on_epoch: Callable[[dict[str, float]], None] | None, checkpoint: Path | None,
-         saved: dict[str, Any] | None) -> tuple[TrainResult, dict[str, "torch.Tensor"]]:
+         saved: dict[str, Any] | None, on_batch: Callable[[dict[str, float]], None] | None = None,
+         ) -> tuple[TrainResult, dict[str, "torch.Tensor"]]:
     import torch
     import torch.nn.functional as F
 
@@ -422,6 +556,9 @@ def _fit(model: "nn.Module", train: tuple["torch.Tensor", "torch.Tensor"], val: 
     weight = class_weights(y_train, num_classes, cfg.class_weights)
     weight = weight.to(device) if weight is not None else None
     mix = _mix(cfg, num_classes)
+    per_image_ops = sample_ops(cfg, spec)
+    streaming = not isinstance(x_train, torch.Tensor)
+    workers = resolve_workers(cfg.num_workers) if streaming else 0
     result = TrainResult(device=device, batch_size=batch_size)
     best_state: dict[str, torch.Tensor] = {}
     best_key = (-1.0, float("-inf"))
@@ -458,11 +595,13 @@ def _fit(model: "nn.Module", train: tuple["torch.Tensor", "torch.Tensor"], val: 
         if world > 1:
             order = order[:per_rank * world][rank::world]
         seen, loss_sum, correct = 0, 0.0, 0
-        for start in range(0, len(order), batch_size):
-            idx = order[start:start + batch_size]
-            x = x_train[idx].to(device, non_blocking=True)
-            if cfg.trivial_augment:
-                x = trivial_augment(x)
+        chunks = list(order.split(batch_size))
+        steps = len(chunks)
+        batches = iter_batches(x_train, chunks, num_workers=workers, pin_memory=device == "cuda")
+        for step, (idx, x) in enumerate(zip(chunks, batches), 1):
+            x = x.to(device, non_blocking=True)
+            if per_image_ops is not None:
+                x = per_image(x, per_image_ops)
             x = normalize(x, spec)
             x = augment(x, translate=cfg.translate, hflip=cfg.hflip, generator=generator)
             if cfg.random_erasing > 0:
@@ -488,8 +627,13 @@ def _fit(model: "nn.Module", train: tuple["torch.Tensor", "torch.Tensor"], val: 
             if ema is not None:
                 ema.update_parameters(model)
             seen += len(idx)
-            loss_sum += loss.item() * len(idx)
+            batch_loss = loss.item()
+            loss_sum += batch_loss * len(idx)
             correct += (logits.argmax(1) == y).sum().item()
+            if on_batch is not None:
+                on_batch({"epoch": epoch, "epochs": cfg.epochs, "step": step, "steps": steps, "images": seen,
+                          "loss": batch_loss, "accuracy": correct / seen, "lr": sched.get_last_lr()[-1],
+                          "throughput": seen / max(time.perf_counter() - t0, 1e-9)})
         train_seconds = time.perf_counter() - t0
         if world > 1:
             totals = torch.tensor([seen, loss_sum, correct], dtype=torch.float64)
@@ -500,7 +644,7 @@ def _fit(model: "nn.Module", train: tuple["torch.Tensor", "torch.Tensor"], val: 
                 for tensor in module.state_dict().values():
                     torch.distributed.broadcast(tensor, 0)
         scored = ema.module if ema is not None else model
-        val_loss, val_acc = _evaluate(scored, *val, spec, device, batch_size * 4)
+        val_loss, val_acc = _evaluate(scored, *val, spec, device, batch_size * 4, num_workers=workers)
         row = {"epoch": epoch, "train/loss": loss_sum / seen, "train/accuracy": correct / seen,
                "val/loss": val_loss, "val/accuracy": val_acc, "lr": sched.get_last_lr()[-1],
                "throughput": seen / train_seconds}
@@ -540,8 +684,10 @@ def config_from_params(params: Any) -> TrainConfig:
                        warmup_epochs=t.warmup_epochs, patience=t.patience, grad_clip=t.grad_clip,
                        class_weights=t.class_weights, ema_decay=t.ema_decay, mixup_alpha=t.mixup_alpha,
                        cutmix_alpha=t.cutmix_alpha, random_erasing=t.random_erasing,
-                       trivial_augment=t.trivial_augment, pretrained=t.pretrained,
-                       freeze_epochs=t.freeze_epochs, backbone_lr_mult=t.backbone_lr_mult, compile=t.compile)
+                       auto_augment=t.auto_augment, random_resized_crop=t.random_resized_crop,
+                       rrc_scale=tuple(t.rrc_scale), pretrained=t.pretrained,
+                       freeze_epochs=t.freeze_epochs, backbone_lr_mult=t.backbone_lr_mult, compile=t.compile,
+                       in_memory=t.in_memory, cache_max_gb=t.cache_max_gb, num_workers=t.num_workers)
 
 
 def seed_everything(seed: int) -> None:
@@ -561,8 +707,9 @@ def seed_everything(seed: int) -> None:
 class Prepared:
     classes: list[str]
     spec: Preprocess
-    train: tuple["torch.Tensor", "torch.Tensor"]
-    val: tuple["torch.Tensor", "torch.Tensor"]
+    train: tuple["torch.Tensor | DecodedFiles", "torch.Tensor"]
+    val: tuple["torch.Tensor | DecodedFiles", "torch.Tensor"]
+    in_memory: bool = True
 
 
 def prepare(cfg: TrainConfig, *, raw_dir: Path, splits_dir: Path, dataset_mode: str) -> Prepared:
@@ -575,12 +722,14 @@ def prepare(cfg: TrainConfig, *, raw_dir: Path, splits_dir: Path, dataset_mode: 
     classes = sorted(set(frames["train"]["label"]) | set(frames["val"]["label"]))
     class_index = {c: i for i, c in enumerate(classes)}
     spec = Preprocess.for_mode(input_mode(cfg.model, dataset_mode), cfg.image_size)
-    return Prepared(classes, spec, load_split(frames["train"], raw_dir, spec, class_index),
-                    load_split(frames["val"], raw_dir, spec, class_index))
+    cached = use_cache(cfg.in_memory, sum(len(f) for f in frames.values()), spec, cfg.cache_max_gb)
+    return Prepared(classes, spec, load_split(frames["train"], raw_dir, spec, class_index, in_memory=cached),
+                    load_split(frames["val"], raw_dir, spec, class_index, in_memory=cached), cached)
 
 
 def train(cfg: TrainConfig, *, raw_dir: Path, splits_dir: Path, dataset_mode: str, out_dir: Path,
           on_epoch: Callable[[dict[str, float]], None] | None = None,
+          on_batch: Callable[[dict[str, float]], None] | None = None,
           checkpoint_root: Path | None = None) -> TrainResult:
     """Core: splits + images -> trained model saved in out_dir (weights, class map, preprocessing).
 
@@ -595,13 +744,14 @@ def train(cfg: TrainConfig, *, raw_dir: Path, splits_dir: Path, dataset_mode: st
     ckpt = None
     if checkpoint_root is not None:
         ckpt = checkpoint_root / run_key(cfg, splits_dir, raw_dir.parent / "manifest.csv") / "last.pt"
-    result, best_state = fit(model, data.train, data.val, data.spec, cfg, on_epoch=on_epoch, checkpoint=ckpt)
+    result, best_state = fit(model, data.train, data.val, data.spec, cfg, on_epoch=on_epoch, on_batch=on_batch,
+                             checkpoint=ckpt)
     if distributed_rank()[0] != 0:
         return result  # DDP: the other ranks hold the same weights; rank 0 saves them
     model.load_state_dict(best_state)
     save_model(out_dir, model, name=cfg.model, classes=data.classes, preprocess=data.spec,
                extra={"best_epoch": result.best_epoch, "best_val_accuracy": result.best_val_accuracy,
-                      "batch_size": result.batch_size})
+                      "batch_size": result.batch_size, "presets": presets(cfg, data.spec)})
     write_json(out_dir / "history.json", result.history)
     if ckpt is not None:
         ckpt.unlink(missing_ok=True)
@@ -629,6 +779,61 @@ def plot_curves(history: list[dict[str, float]], dest: Path) -> None:
     plt.close(fig)
 
 
+def epoch_line(row: dict[str, float], epochs: int) -> str:
+    """The one-line-per-epoch log (what non-terminal stderr gets: DVC, Prefect, CI)."""
+    return (f"epoch {int(row['epoch']):>3}/{epochs}  loss {row['train/loss']:.4f}  "
+            f"val_loss {row['val/loss']:.4f}  val_acc {row['val/accuracy']:.4f}  "
+            f"lr {row['lr']:.2e}  {row['throughput']:.0f} img/s")
+
+
+class ProgressReporter:
+    """Live rich progress on a terminal (an epoch bar and a per-batch bar); one line per epoch otherwise.
+
+    Use as a context manager; pass .on_batch (None when not live) and .on_epoch to fit()/train()."""
+
+    def __init__(self, console: Any, epochs: int, *, live: bool | None = None) -> None:
+        self.console, self.epochs = console, epochs
+        self.live = console.is_terminal if live is None else live
+        self.progress: Any = None
+        self._epoch_task = self._batch_task = None
+
+    def __enter__(self) -> "ProgressReporter":
+        if self.live:
+            from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                                       TimeRemainingColumn)
+
+            self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                     TextColumn("{task.fields[stats]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+                                     console=self.console, transient=False)
+            self.progress.start()
+            self._epoch_task = self.progress.add_task("epochs", total=self.epochs, stats="")
+            self._batch_task = self.progress.add_task("batches", total=None, stats="")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+
+    @property
+    def on_batch(self) -> Callable[[dict[str, float]], None] | None:
+        return self._batch if self.live else None
+
+    def _batch(self, row: dict[str, float]) -> None:
+        self.progress.update(self._batch_task, total=int(row["steps"]), completed=int(row["step"]),
+                             description=f"epoch {int(row['epoch'])}/{int(row['epochs'])}",
+                             stats=f"loss {row['loss']:.4f}  acc {row['accuracy']:.3f}  lr {row['lr']:.2e}  "
+                                   f"{row['throughput']:.0f} img/s")
+
+    def on_epoch(self, row: dict[str, float]) -> None:
+        line = epoch_line(row, self.epochs)
+        if self.progress is None:
+            self.console.print(line)
+            return
+        self.progress.console.print(line)
+        self.progress.update(self._epoch_task, completed=int(row["epoch"]),
+                             stats=f"val_acc {row['val/accuracy']:.4f}")
+
+
 def main() -> None:
     """DVC stage entry point: train, then record everything in one MLflow run."""
     import json
@@ -654,11 +859,11 @@ def main() -> None:
         return
     tracking.configure(params.register_.tracking_uri, params.register_.experiment)
 
+    reporter = ProgressReporter(console, cfg.epochs)
+
     def report(row: dict[str, float]) -> None:
         mlflow.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=int(row["epoch"]))
-        console.print(f"epoch {int(row['epoch']):>3}/{cfg.epochs}  loss {row['train/loss']:.4f}  "
-                      f"val_loss {row['val/loss']:.4f}  val_acc {row['val/accuracy']:.4f}  "
-                      f"lr {row['lr']:.2e}  {row['throughput']:.0f} img/s")
+        reporter.on_epoch(row)
 
     with mlflow.start_run(run_name=f"train-{cfg.model}") as run:
         mlflow.log_params(tracking.flatten(params.to_dict()))
@@ -666,8 +871,9 @@ def main() -> None:
         mlflow.set_tags({"imgclf.stage": "train", **hardware_info(device),
                          "world_size": str(distributed_rank()[1])})
         try:
-            result = train(cfg, raw_dir=RAW_DIR, splits_dir=SPLITS_DIR, dataset_mode=mode, out_dir=OUT_DIR,
-                           on_epoch=report, checkpoint_root=CHECKPOINT_ROOT)
+            with reporter:
+                result = train(cfg, raw_dir=RAW_DIR, splits_dir=SPLITS_DIR, dataset_mode=mode, out_dir=OUT_DIR,
+                               on_epoch=report, on_batch=reporter.on_batch, checkpoint_root=CHECKPOINT_ROOT)
         except TrainingError as exc:
             mlflow.set_tag("imgclf.failed", str(exc))
             console.print(f"[red]training failed:[/] {exc}")

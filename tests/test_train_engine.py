@@ -167,7 +167,9 @@ def test_balanced_class_weights_follow_inverse_frequency():
 
 
 @pytest.mark.parametrize("extra", [{"ema_decay": 0.8}, {"mixup_alpha": 0.2, "cutmix_alpha": 1.0},
-                                   {"class_weights": "balanced", "random_erasing": 0.3, "trivial_augment": True}])
+                                   {"class_weights": "balanced", "random_erasing": 0.3, "auto_augment": "trivial"},
+                                   {"auto_augment": "randaugment", "random_resized_crop": True,
+                                    "rrc_scale": (0.5, 1.0)}])
 def test_recipe_options_still_learn(extra):
     result, best = fit(_model(), _blobs(64, 1), _blobs(32, 2), SPEC, _cfg(epochs=5, **extra))
     assert result.best_val_accuracy >= 0.9
@@ -263,3 +265,28 @@ def test_train_stage_core_resumes_after_a_kill_and_cleans_up_its_checkpoint(tmp_
     assert _strip(fresh.history) == _strip(resumed.history)
     model, meta = load_model(tmp_path / "a")
     assert meta["classes"] == ["cat", "dog", "fish"] and meta["batch_size"] == 8
+
+
+def test_train_stage_core_saves_the_resolved_presets_in_model_json(tmp_path: Path, image_folder: Path):
+    import json
+
+    import pandas as pd
+
+    from tasks.train import presets, train
+
+    rows = [(f"{p.parent.name}/{p.name}", p.parent.name) for p in sorted(image_folder.rglob("*.png"))]
+    splits = tmp_path / "splits"
+    splits.mkdir()
+    pd.DataFrame(rows[0::2], columns=["path", "label"]).to_csv(splits / "train.csv", index=False)
+    pd.DataFrame(rows[1::2], columns=["path", "label"]).to_csv(splits / "val.csv", index=False)
+    cfg = _cfg(epochs=1, batch_size=8, random_resized_crop=True, rrc_scale=(0.3, 1.0), auto_augment="randaugment")
+    train(cfg, raw_dir=image_folder, splits_dir=splits, dataset_mode="L", out_dir=tmp_path / "m")
+    meta = json.loads((tmp_path / "m" / "model.json").read_text())
+    assert {"model", "classes", "preprocess", "presets"} <= set(meta)
+    assert meta["presets"] == json.loads(json.dumps(presets(cfg, SPEC)))
+    ops = [op["op"] for op in meta["presets"]["train"]]
+    assert ops[:4] == ["Resize", "CenterCrop", "RandomResizedCrop", "RandAugment"]
+    rrc = meta["presets"]["train"][2]
+    assert rrc["scale"] == [0.3, 1.0] and rrc["size"] == [16, 16]
+    assert [op["op"] for op in meta["presets"]["eval"]] == ["Resize", "CenterCrop", "Normalize"]
+    assert meta["presets"]["eval"][0]["shorter_side"] == meta["preprocess"]["size"] == 16
