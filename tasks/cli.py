@@ -269,7 +269,14 @@ def schedule() -> None:
     from flows.retrain import retrain
 
     console.print(f"serving flow 'retrain' on cron {params.schedule.cron!r} ({params.schedule.timezone}); Ctrl-C to stop")
-    retrain.serve(name="scheduled", schedules=[Cron(params.schedule.cron, timezone=params.schedule.timezone)],
+    from tasks.sweep import resolve_task_runner
+
+    try:
+        runner = resolve_task_runner(params.schedule.task_runner)
+    except ParamsError as exc:
+        console.print(f"[red]{exc}[/]")
+        raise typer.Exit(2) from None
+    retrain.with_options(task_runner=runner).serve(name="scheduled", schedules=[Cron(params.schedule.cron, timezone=params.schedule.timezone)],
                   parameters={"project_dir": str(root)})
 
 
