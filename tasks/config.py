@@ -194,7 +194,7 @@ class RegisterParams(_Section):
 class PromoteParams(_Section):
     min_accuracy: float = Field(0.8, ge=0, le=1)
     min_macro_f1: float = Field(0.8, ge=0, le=1)
-    margin: float = Field(0.01, ge=0, lt=1)
+    margin: float = Field(0.02, ge=0, lt=1)
     confidence: float = Field(0.95, gt=0.5, lt=1)
     bootstrap_samples: int = Field(2000, ge=100)
     max_class_recall_drop: float = Field(0.10, ge=0, le=1)
