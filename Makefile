@@ -41,7 +41,7 @@ test-fast: $(STAMP) chromium  ## unit tests only (skips the end-to-end flow runs
 	$(BIN)/python -m pytest -m "not slow" $(ARGS)
 
 bench: $(STAMP)  ## benchmarks: printed and written to bench/results/
-	@for b in bench/*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
+	@for b in bench/[!_]*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
 
 ui: $(STAMP)  ## MLflow UI on http://127.0.0.1:5000 with the project's store
 	$(BIN)/imgclf ui
