@@ -15,7 +15,7 @@ from typing import Any, Iterator
 from prefect import flow, get_run_logger, task
 
 import tasks  # noqa: F401  (telemetry off)
-from tasks.config import load_params, project_root, restore_file, write_overrides, write_resolved
+from tasks.config import load_params, project_root, restore_file, source_overrides, write_overrides, write_resolved
 
 STAGES = ("ingest", "validate", "split", "train", "evaluate")
 STAGE_TIMEOUT_S = {"ingest": 3600, "validate": 3600, "split": 600, "train": 24 * 3600, "evaluate": 3600}
@@ -301,9 +301,7 @@ def retrain(overrides: dict[str, Any] | None = None, source: str | None = None, 
     and the best by validation accuracy is applied to the workspace before registering."""
     logger = get_run_logger()
     root = project_root(Path(project_dir) if project_dir else None)
-    overrides = dict(overrides or {})
-    if source:
-        overrides["ingest.source"] = source
+    overrides = {**(source_overrides(source) if source else {}), **(overrides or {})}
     started = time.time()
     wait_s = load_params(root / "params.yaml").schedule.wait_for_lock_s
     with run_lock(root, wait_s), overridden(root / "params.yaml", overrides):

@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 import tasks  # noqa: F401  (telemetry off)
-from tasks.config import ParamsError, load_params, parse_overrides, project_root
+from tasks.config import ParamsError, load_params, parse_overrides, project_root, source_overrides
 
 app = typer.Typer(help="imgclf: image classification pipeline (Prefect + DVC + Great Expectations + torch + MLflow).",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_show_locals=False)
@@ -56,8 +56,8 @@ def run(
     try:
         overrides = parse_overrides(set_ or [])
         if source:
-            overrides.setdefault("ingest.watch", source)
-        params = load_params(root / "params.yaml", {**overrides, **({"ingest.source": source} if source else {})})
+            overrides = {**source_overrides(source), **overrides}
+        params = load_params(root / "params.yaml", overrides)
         candidates = None
         if sweep:
             from tasks.config import apply_overrides, read_raw
@@ -76,7 +76,7 @@ def run(
     console.print(f"[bold]imgclf run[/] in {root}" + (f" with overrides {overrides}" if overrides else ""))
     try:
         summary = retrain.with_options(task_runner=runner)(
-            overrides=overrides, source=source, allow_promotion=promote, project_dir=str(root), sweep=candidates)
+            overrides=overrides, allow_promotion=promote, project_dir=str(root), sweep=candidates)
     except RunBusy as exc:
         console.print(f"[yellow]{exc}[/]")
         raise typer.Exit(3) from None

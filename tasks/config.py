@@ -245,6 +245,14 @@ class ParamsError(ValueError):
     """params.yaml or an override is invalid; the message names the key."""
 
 
+def source_overrides(source: str) -> dict[str, str]:
+    """Overrides that point one run at another source; a local path is also what DVC watches."""
+    out = {"ingest.source": source}
+    if not source.startswith("sample:") and not is_url(source):
+        out["ingest.watch"] = source
+    return out
+
+
 def parse_overrides(items: list[str]) -> dict[str, Any]:
     """Turn ['train.epochs=5', ...] into {'train.epochs': 5}; values parse as YAML scalars."""
     out: dict[str, Any] = {}

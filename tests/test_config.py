@@ -292,3 +292,11 @@ def test_dvc_stages_declare_the_params_they_read():
     assert dvc["validate"]["params"] == ["validate"]
     assert dvc["split"]["params"] == ["base.seed", "split"]
     assert "data/ingest.json" in dvc["validate"]["deps"] and "expectations/splits.json" in dvc["split"]["deps"]
+
+
+def test_source_overrides_watch_local_paths_only():
+    from tasks.config import source_overrides
+
+    assert source_overrides("/data/pets") == {"ingest.source": "/data/pets", "ingest.watch": "/data/pets"}
+    assert source_overrides("sample:digits") == {"ingest.source": "sample:digits"}
+    assert source_overrides("https://h/x.tgz") == {"ingest.source": "https://h/x.tgz"}
