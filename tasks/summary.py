@@ -52,8 +52,9 @@ def per_class_rows(metrics: dict[str, Any]) -> list[dict[str, Any]]:
 def notify(event: str, payload: dict[str, Any], *, url: str | None, timeout_s: float = 10.0) -> bool:
     """POST {"event": ..., **payload} as JSON to url; without a url, log it. Never raises."""
     body = {"event": event, **payload}
-    if not url:
-        log.warning("imgclf %s: %s", event, json.dumps(body, default=str)[:2000])
+    if not url:  # failures are warnings; good news is information
+        level = logging.WARNING if event == "failed" else logging.INFO
+        log.log(level, "imgclf %s: %s", event, json.dumps(body, default=str)[:2000])
         return False
     try:
         req = urllib.request.Request(url, data=json.dumps(body, default=str).encode(),

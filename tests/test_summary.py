@@ -58,7 +58,10 @@ def test_notify_posts_json_to_the_webhook(webhook):
 def test_notify_without_url_or_with_a_dead_url_logs_and_never_raises(caplog):
     assert notify("failed", {"message": "boom"}, url=None) is False
     assert notify("failed", {"message": "boom"}, url="http://127.0.0.1:9/nothing", timeout_s=2) is False
-    assert sum("boom" in r.getMessage() for r in caplog.records) == 2
+    assert sum("boom" in r.getMessage() and r.levelname == "WARNING" for r in caplog.records) == 2
+    caplog.set_level("INFO", logger="imgclf.notify")
+    notify("promoted", {"version": "9"}, url=None)
+    assert caplog.records[-1].levelname == "INFO" and '"version": "9"' in caplog.records[-1].getMessage()
 
 
 def test_a_second_run_does_not_start_while_one_holds_the_lock(tmp_path: Path):
