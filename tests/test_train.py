@@ -1,6 +1,7 @@
 """Training core on tiny in-memory tensors: it learns, it is deterministic, it refuses NaN."""
 
 import dataclasses
+import functools
 
 import pytest
 import torch
@@ -9,23 +10,11 @@ from tasks.models import build_model
 from tasks.preprocess import Preprocess
 from tasks.train import TrainConfig, TrainingError, augment, fit, resolve_device
 
+from train_helpers import blobs, train_config  # tests/train_helpers.py
+
 SPEC = Preprocess.for_mode("L", 16)
-
-
-def _cfg(**kw) -> TrainConfig:
-    base = dict(model="smallcnn", image_size=16, epochs=4, batch_size=16, optimizer="adamw", lr=0.01,
-                weight_decay=0.0, label_smoothing=0.0, hflip=False, translate=0.0, device="cpu", seed=3)
-    return TrainConfig(**{**base, **kw})
-
-
-def _blobs(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Two easily separable classes: bright top half vs bright bottom half."""
-    g = torch.Generator().manual_seed(seed)
-    y = torch.arange(n) % 2
-    x = (torch.rand(n, 1, 16, 16, generator=g) * 60).to(torch.uint8)
-    x[y == 0, :, :8] += 150
-    x[y == 1, :, 8:] += 150
-    return x, y
+_cfg = functools.partial(train_config, translate=0.0)
+_blobs = blobs
 
 
 def _fit(cfg: TrainConfig):

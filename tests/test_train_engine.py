@@ -8,25 +8,14 @@ import torch
 
 from tasks.models import build_model
 from tasks.preprocess import Preprocess
-from tasks.train import (TrainConfig, TrainingError, class_weights, find_batch_size, fit, load_checkpoint,
+from tasks.train import (TrainingError, class_weights, find_batch_size, fit, load_checkpoint,
                          random_erase, resolve_batch_size, run_key, trivial_augment)
 
+from train_helpers import blobs, train_config  # tests/train_helpers.py
+
 SPEC = Preprocess.for_mode("L", 16)
-
-
-def _cfg(**kw) -> TrainConfig:
-    base = dict(model="smallcnn", image_size=16, epochs=4, batch_size=16, optimizer="adamw", lr=0.01,
-                weight_decay=0.0, label_smoothing=0.0, hflip=False, translate=0.1, device="cpu", seed=3)
-    return TrainConfig(**{**base, **kw})
-
-
-def _blobs(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    y = torch.arange(n) % 2
-    x = (torch.rand(n, 1, 16, 16, generator=g) * 60).to(torch.uint8)
-    x[y == 0, :, :8] += 150
-    x[y == 1, :, 8:] += 150
-    return x, y
+_cfg = train_config
+_blobs = blobs
 
 
 def _model(seed: int = 3):

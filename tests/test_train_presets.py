@@ -1,5 +1,6 @@
 """Training presets (transforms.v2, saved with the model) and the per-batch progress callback contract."""
 
+import functools
 import math
 
 import pytest
@@ -7,24 +8,13 @@ import torch
 
 from tasks.models import build_model
 from tasks.preprocess import Preprocess
-from tasks.train import BATCH_FIELDS, ProgressReporter, TrainConfig, fit, per_image, presets, sample_ops
+from tasks.train import BATCH_FIELDS, ProgressReporter, fit, per_image, presets, sample_ops
+
+from train_helpers import blobs, train_config  # tests/train_helpers.py
 
 SPEC = Preprocess.for_mode("L", 16)
-
-
-def _cfg(**kw) -> TrainConfig:
-    base = dict(model="smallcnn", image_size=16, epochs=2, batch_size=16, optimizer="adamw", lr=0.01,
-                weight_decay=0.0, label_smoothing=0.0, hflip=False, translate=0.1, device="cpu", seed=3)
-    return TrainConfig(**{**base, **kw})
-
-
-def _blobs(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    y = torch.arange(n) % 2
-    x = (torch.rand(n, 1, 16, 16, generator=g) * 60).to(torch.uint8)
-    x[y == 0, :, :8] += 150
-    x[y == 1, :, 8:] += 150
-    return x, y
+_cfg = functools.partial(train_config, epochs=2)
+_blobs = blobs
 
 
 def _model():
