@@ -47,9 +47,9 @@ def git_state(root: Path) -> dict[str, str]:
 
 
 def _file_hash(path: Path) -> str:
-    import hashlib
+    from tasks.io import sha256_file
 
-    return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else "missing"
+    return sha256_file(path) if path.is_file() else "missing"
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
