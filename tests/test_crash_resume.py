@@ -42,8 +42,9 @@ def _mlflow(root: Path, code: str) -> object:
 def _train_runs(root: Path) -> list[dict]:
     return _mlflow(root, (
         "e = c.get_experiment_by_name('imgclf');"
-        "rs = c.search_runs([e.experiment_id], \"tags.`imgclf.stage` = 'train'\", order_by=['attributes.start_time']);"
-        "print(json.dumps([{'tags': r.data.tags, 'status': r.info.status} for r in rs]))"))
+        "rs = c.search_runs([e.experiment_id], \"tags.`imgclf.stage` = 'train'\", order_by=['attributes.start_time'])"
+        " if e else [];"
+        "print(json.dumps([{'id': r.info.run_id, 'tags': r.data.tags, 'metrics': r.data.metrics, 'status': r.info.status} for r in rs]))"))
 
 
 def _dvc(root: Path, env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
@@ -110,6 +111,11 @@ def test_torchrun_trains_the_stage_with_two_gloo_processes(project):
     runs = _train_runs(root)
     assert len(runs) == before + 1  # rank 0 alone tracks
     assert runs[-1]["status"] == "FINISHED" and runs[-1]["tags"]["world_size"] == "2"
+    metrics = runs[-1]["metrics"]
+    assert metrics["epochs_run"] == 12 and 0 < metrics["tracking_seconds"] < metrics["train_seconds"]
+    steps = _mlflow(root, f"print(json.dumps([m.step for m in c.get_metric_history('{runs[-1]['id']}', 'val/accuracy')]))")
+    assert sorted(steps) == list(range(1, 13))  # every epoch's (asynchronously logged) row reached the store
+    assert metrics["tracking_fraction"] == pytest.approx(metrics["tracking_seconds"] / metrics["train_seconds"])
     meta = json.loads((root / "models" / "candidate" / "model.json").read_text())
     history = json.loads((root / "models" / "candidate" / "history.json").read_text())
     assert len(history) == 12 and history[-1]["val/accuracy"] >= 0.9
