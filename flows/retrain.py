@@ -48,23 +48,20 @@ def run_stage(root: str, stage: str) -> list[str]:
 
 
 def run_experiment(root: str, name: str, overrides: dict[str, Any]) -> dict[str, Any]:
-    """Train and evaluate one sweep candidate as the DVC experiment `name`; returns its validation metric.
+    """Train and evaluate one sweep candidate as the DVC experiment `name` (in DVC's temp copy of the repo).
 
-    Experiments run in the workspace (so MLflow logs to the project's store), one at a time per project:
-    a file lock serialises them across threads and worker processes on this machine."""
+    Its own process (tasks.experiment): candidates run side by side, as many as the task runner allows;
+    MLflow still logs to the project's store (stages get DVC_ROOT = the project)."""
     import subprocess
 
-    from filelock import FileLock
-    from tasks.sweep import METRIC, set_args
+    from tasks.sweep import set_args
 
     _stage_env()
-    cmd = [sys.executable, "-m", "dvc", "exp", "run", "-n", name, *set_args(overrides)]
-    with FileLock(str(Path(root) / ".imgclf" / "experiment.lock")):
-        proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise RuntimeError(f"experiment {name} failed:\n{(proc.stdout + proc.stderr)[-4000:]}")
-        model = _read(Path(root) / "models/candidate/model.json")
-    return {"name": name, "overrides": overrides, METRIC: model.get(METRIC)}
+    cmd = [sys.executable, "-m", "tasks.experiment", name, "--root", root, *set_args(overrides)]
+    proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"experiment {name} failed:\n{proc.stdout[-2500:]}\n{proc.stderr[-2500:]}")
+    return {**json.loads(proc.stdout.strip().splitlines()[-1]), "overrides": overrides}
 
 
 def apply_experiment(root: str, name: str) -> None:
@@ -83,8 +80,10 @@ def run_sweep(root: Path, candidates: list[dict[str, Any]], logger) -> dict[str,
 
     from tasks.sweep import METRIC, choose_best, experiment_names
 
+    _client(root)  # create the MLflow store and experiment once: concurrent first-time creation races
     names = experiment_names(time.strftime("%Y%m%d-%H%M%S"), len(candidates))
-    exp_task = task(run_experiment, name="experiment", timeout_seconds=STAGE_TIMEOUT_S["train"])
+    exp_task = task(run_experiment, name="experiment", timeout_seconds=STAGE_TIMEOUT_S["train"],
+                    task_run_name="experiment-{name}")
     futures = exp_task.map(unmapped(str(root)), names, candidates)
     results = [f.result() for f in futures]
     best = choose_best(results)
@@ -220,16 +219,21 @@ def register_gate_promote(root: str, *, allow_promotion: bool) -> dict[str, Any]
 
 
 @contextmanager
-def overridden(params_file: Path, overrides: dict[str, Any]) -> Iterator[None]:
-    """params.yaml carries the overrides for this run only; the original is put back afterwards."""
+def overridden(params_file: Path, overrides: dict[str, Any]) -> Iterator[dict[str, bool]]:
+    """params.yaml carries the overrides for this run only; the original is put back afterwards.
+
+    Unless the caller sets state["keep"]: a sweep's applied winner (`dvc exp apply`) then stays, overrides
+    included, so params.yaml keeps matching dvc.lock and the outputs."""
+    state = {"keep": False}
     if not overrides:
-        yield
+        yield state
         return
     original = write_overrides(params_file, overrides)
     try:
-        yield
+        yield state
     finally:
-        restore_file(params_file, original)
+        if not state["keep"]:
+            restore_file(params_file, original)
 
 
 def _read(path: Path) -> dict[str, Any]:
@@ -304,7 +308,7 @@ def retrain(overrides: dict[str, Any] | None = None, source: str | None = None, 
     overrides = {**(source_overrides(source) if source else {}), **(overrides or {})}
     started = time.time()
     wait_s = load_params(root / "params.yaml").schedule.wait_for_lock_s
-    with run_lock(root, wait_s), overridden(root / "params.yaml", overrides):
+    with run_lock(root, wait_s), overridden(root / "params.yaml", overrides) as params_state:
         params = load_params(root / "params.yaml")
         ran: list[str] = []
         swept = None
@@ -321,6 +325,8 @@ def retrain(overrides: dict[str, Any] | None = None, source: str | None = None, 
             ran += did
         if sweep:
             swept = run_sweep(root, sweep, logger)
+            params_state["keep"] = True  # the winner, as applied, is the workspace's state now
+            params = load_params(root / "params.yaml")
             ran += ["train", "evaluate"]
         result = register_gate_promote(str(root), allow_promotion=allow_promotion)
     metrics = json.loads((root / "reports/metrics.json").read_text())

@@ -66,7 +66,7 @@ def run(
             candidates = parse_sweep_file(sweep, apply_overrides(read_raw(root / "params.yaml"), overrides))
         from tasks.sweep import resolve_task_runner
 
-        runner = resolve_task_runner(params.schedule.task_runner)
+        runner = resolve_task_runner(params.schedule.task_runner, params.schedule.max_parallel)
     except ParamsError as exc:
         console.print(f"[red]{exc}[/]")
         raise typer.Exit(2) from None
@@ -118,7 +118,8 @@ def _print_summary(s: dict) -> None:
                               f"{check['value']} vs {check['threshold']}"))
     table.add_row("decision", s["reason"])
     if s["overrides"]:
-        table.add_row("overrides", json.dumps(s["overrides"]) + "  (params.yaml left as it was)")
+        table.add_row("overrides", json.dumps(s["overrides"]) + ("  (kept in params.yaml with the sweep's winner)"
+                                                                  if s.get("sweep") else "  (params.yaml left as it was)"))
     table.add_row("took", f"{s['seconds']} s")
     console.print(table)
     console.print("Open the MLflow UI: [bold]imgclf ui[/] (or `make ui`) -> http://127.0.0.1:5000")
@@ -272,7 +273,7 @@ def schedule() -> None:
     from tasks.sweep import resolve_task_runner
 
     try:
-        runner = resolve_task_runner(params.schedule.task_runner)
+        runner = resolve_task_runner(params.schedule.task_runner, params.schedule.max_parallel)
     except ParamsError as exc:
         console.print(f"[red]{exc}[/]")
         raise typer.Exit(2) from None

@@ -216,6 +216,7 @@ class ScheduleParams(_Section):
     webhook_url: str | None = None
     wait_for_lock_s: float = Field(0, ge=0)
     task_runner: Literal["thread", "dask", "ray"] = "thread"
+    max_parallel: int = Field(2, ge=1)  # sweep candidates at once: thread pool size / local Dask workers
 
 
 class Params(_Section):

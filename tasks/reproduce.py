@@ -86,7 +86,9 @@ def reproduce(root: Path, client: "MlflowClient", name: str, version: str, *, gp
     tolerance = gpu_tolerance if run.data.tags.get("device", "cpu") != "cpu" else 0.0
     work = Path(tempfile.mkdtemp(prefix=f"imgclf-reproduce-v{version}-"))
     tree = work / "project"
-    env = {**os.environ, "PATH": str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", "")}
+    # DVC_ROOT from a surrounding DVC run would point the rebuild's store back at that project
+    env = {**{k: v for k, v in os.environ.items() if k != "DVC_ROOT"},
+           "PATH": str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", "")}
     _run(["git", "worktree", "add", "--detach", str(tree), commit], root, env)
     try:
         lineage = Path(mlflow.artifacts.download_artifacts(run_id=mv.run_id, artifact_path=LINEAGE,

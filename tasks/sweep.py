@@ -14,7 +14,7 @@ from tasks.config import ParamsError, apply_overrides, parse_params
 
 TASK_RUNNERS = {
     "thread": ("prefect.task_runners", "ThreadPoolTaskRunner", "prefect"),
-    "dask": ("prefect_dask", "DaskTaskRunner", "prefect-dask"),
+    "dask": ("prefect_dask", "DaskTaskRunner", "prefect-dask"),  # installed with imgclf
     "ray": ("prefect_ray", "RayTaskRunner", "prefect-ray"),
 }
 METRIC = "best_val_accuracy"
@@ -84,8 +84,11 @@ def choose_best(results: list[dict[str, Any]], metric: str = METRIC) -> dict[str
     return best
 
 
-def resolve_task_runner(name: str):
-    """A Prefect task runner instance by name; Dask and Ray come from optional packages, imported lazily."""
+def resolve_task_runner(name: str, max_parallel: int | None = None):
+    """A Prefect task runner instance by name, running at most max_parallel tasks at once (None: its default).
+
+    Dask gets a local cluster of max_parallel single-threaded worker processes; Ray its local default. The
+    optional packages are imported lazily."""
     import importlib
 
     if name not in TASK_RUNNERS:
@@ -96,4 +99,10 @@ def resolve_task_runner(name: str):
     except ImportError:
         raise ParamsError(f"schedule.task_runner is {name!r} but {package} is not installed: "
                           f"pip install {package}") from None
-    return getattr(mod, cls)()
+    kwargs: dict[str, Any] = {}
+    if max_parallel is not None and name == "thread":
+        kwargs = {"max_workers": max_parallel}
+    elif max_parallel is not None and name == "dask":
+        kwargs = {"cluster_kwargs": {"n_workers": max_parallel, "threads_per_worker": 1, "processes": True,
+                                     "dashboard_address": None}}
+    return getattr(mod, cls)(**kwargs)

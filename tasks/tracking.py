@@ -14,9 +14,20 @@ SERVING_REQUIREMENTS = ("torch==2.14.1", "torchvision==0.29.1", "safetensors", "
                         "pyyaml", "pydantic")
 
 
+def tracking_root(root: Path | None = None) -> Path:
+    """The project a relative store belongs to: `root` if given, else $DVC_ROOT, else the project around cwd.
+
+    DVC sets DVC_ROOT for every stage command, and for `dvc exp run --temp`/`--queue` it is the real project,
+    not DVC's temporary copy: candidates running there still log to the project's own store."""
+    if root is not None:
+        return root
+    env = os.environ.get("DVC_ROOT")
+    return Path(env) if env else project_root()
+
+
 def resolve_tracking_uri(uri: str, root: Path | None = None) -> str:
     """Make a relative sqlite/file store absolute against the project root; leave servers alone."""
-    root = root or project_root()
+    root = tracking_root(root)
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
         return f"sqlite:///{(root / uri[len('sqlite:///'):]).resolve()}"
     if "://" not in uri:
@@ -26,7 +37,7 @@ def resolve_tracking_uri(uri: str, root: Path | None = None) -> str:
 
 def artifact_root(root: Path | None = None) -> str:
     """Local artifact store beside the sqlite database."""
-    return ((root or project_root()) / "mlartifacts").resolve().as_uri()
+    return (tracking_root(root) / "mlartifacts").resolve().as_uri()
 
 
 def configure(tracking_uri: str, experiment: str, root: Path | None = None) -> str:

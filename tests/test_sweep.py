@@ -14,7 +14,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from tasks.config import ParamsError, Params, read_raw
+from tasks.config import ParamsError, Params, parse_params, read_raw
 from tasks.sweep import (choose_best, experiment_names, parse_sweep_file, resolve_task_runner, set_args,
                          validate_sweep)
 
@@ -71,11 +71,37 @@ def test_task_runner_thread_is_the_default():
     assert isinstance(resolve_task_runner("thread"), ThreadPoolTaskRunner)
 
 
+def test_max_parallel_bounds_the_thread_pool_and_the_local_dask_cluster():
+    from prefect_dask import DaskTaskRunner
+
+    assert Params().schedule.max_parallel == 2
+    assert resolve_task_runner("thread", 3)._max_workers == 3
+    dask = resolve_task_runner("dask", 2)
+    assert isinstance(dask, DaskTaskRunner)
+    assert dask.cluster_kwargs["n_workers"] == 2 and dask.cluster_kwargs["threads_per_worker"] == 1
+    with pytest.raises(ParamsError, match="max_parallel"):
+        parse_params({**RAW, "schedule": {**RAW["schedule"], "max_parallel": 0}})
+
+
 @pytest.mark.parametrize("name, package", [("dask", "prefect-dask"), ("ray", "prefect-ray")])
 def test_missing_runner_package_is_a_clear_error(name, package, monkeypatch):
     monkeypatch.setitem(sys.modules, package.replace("-", "_"), None)  # import fails even if installed
     with pytest.raises(ParamsError, match=f"pip install {package}"):
         resolve_task_runner(name)
+
+
+def test_relative_store_resolves_against_dvc_root(monkeypatch, tmp_path):
+    """DVC sets DVC_ROOT for stage commands; in `dvc exp run --temp` it is the real project, not the temp copy."""
+    from tasks.tracking import artifact_root, resolve_tracking_uri
+
+    monkeypatch.setenv("DVC_ROOT", str(tmp_path))
+    assert resolve_tracking_uri("sqlite:///mlflow.db") == f"sqlite:///{tmp_path.resolve()}/mlflow.db"
+    assert artifact_root() == (tmp_path / "mlartifacts").resolve().as_uri()
+    assert resolve_tracking_uri("sqlite:///mlflow.db", REPO) == f"sqlite:///{REPO}/mlflow.db"  # explicit root wins
+    assert resolve_tracking_uri("http://host:5000") == "http://host:5000"
+    monkeypatch.delenv("DVC_ROOT")
+    monkeypatch.chdir(REPO / "tasks")
+    assert resolve_tracking_uri("sqlite:///mlflow.db") == f"sqlite:///{REPO}/mlflow.db"
 
 
 def test_unknown_runner_is_an_error():
@@ -110,8 +136,26 @@ def _env(tmp: Path) -> dict[str, str]:
     return env
 
 
+def _find_exp(node, name: str):
+    """The `dvc exp show --json` record of experiment `name` (its layout nests baselines and experiments)."""
+    if isinstance(node, dict):
+        if node.get("name") == name and isinstance(node.get("data"), dict):
+            return node
+        node = list(node.values())
+    if isinstance(node, list):
+        for item in node:
+            found = _find_exp(item, name)
+            if found is not None:
+                return found
+    return None
+
+
 @pytest.mark.slow
-def test_sweep_runs_experiments_applies_the_best_and_registers_it(tmp_path):
+@pytest.mark.parametrize("runner", ["thread", "dask"])
+def test_sweep_runs_experiments_concurrently_applies_the_best_and_registers_it(tmp_path, runner):
+    """Two candidates as `dvc exp run --temp` experiments at the same time (thread pool or a local Dask cluster
+    of 2 processes): both end as DVC experiments with params and metrics, each with its MLflow run in the
+    project's store (their run times overlap), the best is applied and registered, `dvc status` stays clean."""
     dest = tmp_path / "project"
     listed = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=REPO, check=True,
                             capture_output=True).stdout.decode().split("\0")
@@ -126,11 +170,12 @@ def test_sweep_runs_experiments_applies_the_best_and_registers_it(tmp_path):
 
     write_overrides(dest / "params.yaml", {
         "ingest.source": str(images), "ingest.watch": str(images), "validate.min_images_per_class": 5,
-        "train.epochs": 3, "train.batch_size": 16, "train.image_size": 24, "train.lr": 0.01,
+        "train.epochs": 3, "train.image_size": 24, "train.lr": 0.01,
         "promote.min_accuracy": 0.0, "promote.min_macro_f1": 0.0, "evaluate.bootstrap_samples": 100,
         "evaluate.gradcam": False, "promote.min_onnx_agreement": None,
+        "schedule.task_runner": runner, "schedule.max_parallel": 2,
     })
-    (dest / "sweep.yaml").write_text("- {train.epochs: 1}\n- {train.epochs: 2}\n")
+    (dest / "sweep.yaml").write_text("- {train.epochs: 2}\n- {train.epochs: 4}\n")
     env = _env(tmp_path)
     env["PYTHONPATH"] = str(dest)
     for cmd in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "copy"]):
@@ -140,22 +185,40 @@ def test_sweep_runs_experiments_applies_the_best_and_registers_it(tmp_path):
         return subprocess.run([sys.executable, "-m", "dvc", *args], cwd=dest, env=env, capture_output=True,
                               text=True, check=True).stdout
 
-    res = subprocess.run([str(VENV_BIN / "imgclf"), "run", "--sweep", "sweep.yaml"], cwd=dest, env=env,
-                         capture_output=True, text=True, timeout=600)
+    # --set applies to every candidate, and stays in params.yaml with the applied winner
+    res = subprocess.run([str(VENV_BIN / "imgclf"), "run", "--sweep", "sweep.yaml", "--set", "train.batch_size=16"],
+                         cwd=dest, env=env, capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stdout + res.stderr
     names = [line.split()[1] for line in res.stdout.splitlines() if line.startswith("sweep sweep-")]
     assert len(names) == 2 and all(n.startswith("sweep-") for n in names)
-    listed_exps = dvc("exp", "list", "--name-only")
-    assert all(n in listed_exps for n in names), listed_exps
-    # each experiment's best_val_accuracy, read back from DVC itself
-    accs = []
-    for n in names:
-        out = subprocess.run([sys.executable, "-c", "import dvc.api, json, sys; print(json.loads(dvc.api.read("
-                              "'models/candidate/model.json', rev=sys.argv[1]))['best_val_accuracy'])", n],
-                             cwd=dest, env=env, capture_output=True, text=True, check=True).stdout
-        accs.append(float(out.strip().splitlines()[-1]))
-    expected_epochs = 1 if accs[0] >= accs[1] else 2
-    assert yaml.safe_load((dest / "params.yaml").read_text())["train"]["epochs"] == expected_epochs
+    shown = json.loads(dvc("exp", "show", "--json"))
+    accs, runs = [], []
+    for n, epochs in zip(names, (2, 4)):
+        exp = _find_exp(shown, n)
+        assert exp is not None, (n, shown)
+        params = exp["data"]["params"]["params.yaml"]["data"]
+        assert params["train"]["epochs"] == epochs and params["train"]["batch_size"] == 16
+        assert "accuracy" in exp["data"]["metrics"]["reports/metrics.json"]["data"]
+        read = ("import dvc.api, json, sys; print(json.dumps([json.loads(dvc.api.read(p, rev=sys.argv[1])) for p in "
+                "('models/candidate/model.json', 'models/candidate/mlflow.json')]))")
+        out = subprocess.run([sys.executable, "-c", read, n], cwd=dest, env=env, capture_output=True, text=True,
+                             check=True).stdout
+        model, run_info = json.loads(out.strip().splitlines()[-1])
+        accs.append(model["best_val_accuracy"])
+        runs.append(run_info["run_id"])
+    # each candidate has its own MLflow run in the project's store (not in DVC's temporary copy)
+    import sqlite3
+
+    with sqlite3.connect(dest / "mlflow.db") as db:
+        times = [db.execute("SELECT start_time, end_time, status FROM runs WHERE run_uuid = ?", (r,)).fetchone()
+                 for r in runs]
+    assert all(t is not None and t[2] == "FINISHED" for t in times), times
+    assert max(t[0] for t in times) < min(t[1] for t in times), f"candidates did not overlap: {times}"
+    assert not list((dest / ".dvc" / "tmp" / "exps").rglob("mlflow.db"))
+    expected_epochs = 2 if accs[0] >= accs[1] else 4
+    params = yaml.safe_load((dest / "params.yaml").read_text())
+    assert params["train"]["epochs"] == expected_epochs and params["train"]["batch_size"] == 16
     assert json.loads((dest / "models/candidate/history.json").read_text())[-1]["epoch"] == expected_epochs
+    assert json.loads((dest / "models/candidate/mlflow.json").read_text())["run_id"] == runs[(2, 4).index(expected_epochs)]
     assert "model version" in res.stdout and "(new)" in res.stdout
     assert json.loads(dvc("status", "--json")) == {}
