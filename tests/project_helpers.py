@@ -45,9 +45,11 @@ def project_env(tmp: Path) -> dict[str, str]:
     return env
 
 
-def copy_project(tmp: Path, overrides: dict, *, remote: Path | None = None) -> tuple[Path, dict[str, str]]:
+def copy_project(tmp: Path, overrides: dict, *, remote: Path | None = None,
+                 files: dict[str, str] | None = None) -> tuple[Path, dict[str, str]]:
     """The project's committed + untracked (not ignored) files in tmp/project, a fresh git repo with params
-    overridden; returns (root, env) where env runs the copy's code (PYTHONPATH) with state under tmp."""
+    overridden (and `files`, relative path -> text, added); returns (root, env) where env runs the copy's code
+    (PYTHONPATH) with Prefect/DVC state under tmp. With `remote`, a local folder is the default DVC remote."""
     dest = tmp / "project"
     listed = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=REPO, check=True,
                             capture_output=True).stdout.decode().split("\0")
@@ -63,6 +65,8 @@ def copy_project(tmp: Path, overrides: dict, *, remote: Path | None = None) -> t
         write_overrides(dest / "params.yaml", overrides)
     finally:
         sys.path.remove(str(dest))
+    for rel, text in (files or {}).items():
+        (dest / rel).write_text(text)
     env = project_env(tmp)
     env["PYTHONPATH"] = str(dest)  # the CLI imports the copy's code, not the installed checkout's
     subprocess.run(["git", "init", "-q"], cwd=dest, check=True, env=env)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -20,6 +19,7 @@ from PIL import Image
 from tasks import registry, tracking
 from tasks.models import build_model, save_model
 from tasks.preprocess import Preprocess
+from tests.project_helpers import stop_group
 
 pytestmark = pytest.mark.slow
 MLFLOW = [sys.executable, "-m", "mlflow"]
@@ -50,17 +50,6 @@ def _start(cmd: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
     return subprocess.Popen(cmd, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
 
 
-def _stop(proc: subprocess.Popen) -> None:
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=20)
-    except ProcessLookupError:
-        pass
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("mlflow-server")
@@ -73,7 +62,7 @@ def server(tmp_path_factory):
         _wait(f"http://127.0.0.1:{port}/health", proc)
         yield f"http://127.0.0.1:{port}", tmp
     finally:
-        _stop(proc)
+        stop_group(proc)
 
 
 def test_registry_and_pickle_free_loading_work_over_http(server, monkeypatch):
@@ -125,5 +114,5 @@ def test_mlflow_models_serve_answers_invocations(server):
         assert row["label"] in {"dark", "light"}
         assert abs(row["p_dark"] + row["p_light"] - 1.0) < 1e-5
     finally:
-        _stop(proc)
+        stop_group(proc)
     assert proc.poll() is not None

@@ -3,23 +3,19 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import yaml
-from PIL import Image
 
+from tests.project_helpers import VENV_BIN, copy_project, shapes_dataset
 from tasks.config import ParamsError, Params, parse_params, read_raw
 from tasks.sweep import (choose_best, experiment_names, parse_sweep_file, resolve_task_runner, set_args,
                          validate_sweep)
 
 REPO = Path(__file__).resolve().parent.parent
-VENV_BIN = Path(sys.executable).parent
 RAW = Params().to_dict()
 
 
@@ -109,32 +105,7 @@ def test_unknown_runner_is_an_error():
         resolve_task_runner("spark")
 
 
-# ---- end to end (helpers copied from tests/test_flow.py so its module fixture is not re-run) ----
-
-def _tiny_dataset(root: Path) -> None:
-    rng = np.random.default_rng(0)
-    for label in ("circle", "square", "stripes"):
-        (root / label).mkdir(parents=True)
-        for i in range(15):
-            arr = rng.integers(0, 40, (24, 24), dtype=np.uint8)
-            if label == "circle":
-                yy, xx = np.mgrid[:24, :24]
-                arr[(yy - 12) ** 2 + (xx - 12) ** 2 < 40 + i] = 220
-            elif label == "square":
-                arr[6:18, 6 + i % 3:18] = 220
-            else:
-                arr[::4 + i % 2] = 220
-            Image.fromarray(arr, mode="L").save(root / label / f"{label}_{i:02d}.png")
-
-
-def _env(tmp: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_", "DVC_"))}
-    env["PATH"] = os.pathsep.join(p for p in env.get("PATH", "").split(os.pathsep) if Path(p) != VENV_BIN)
-    env.update(PREFECT_HOME=str(tmp / "prefect-home"), DVC_SITE_CACHE_DIR=str(tmp / "dvc-site"),
-               PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="120", MLFLOW_ALLOW_PICKLE_DESERIALIZATION="false",
-               GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t", GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@t")
-    return env
-
+# ---- end to end ----
 
 def _find_exp(node, name: str):
     """The `dvc exp show --json` record of experiment `name` (its layout nests baselines and experiments)."""
@@ -156,30 +127,14 @@ def test_sweep_runs_experiments_concurrently_applies_the_best_and_registers_it(t
     """Two candidates as `dvc exp run --temp` experiments at the same time (thread pool or a local Dask cluster
     of 2 processes): both end as DVC experiments with params and metrics, each with its MLflow run in the
     project's store (their run times overlap), the best is applied and registered, `dvc status` stays clean."""
-    dest = tmp_path / "project"
-    listed = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=REPO, check=True,
-                            capture_output=True).stdout.decode().split("\0")
-    for rel in filter(None, listed):
-        src = REPO / rel
-        if src.is_file() and not rel.startswith(("data/", "models/", "reports/")) and rel != "dvc.lock":
-            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, dest / rel)
-    images = tmp_path / "images"
-    _tiny_dataset(images)
-    from tasks.config import write_overrides
-
-    write_overrides(dest / "params.yaml", {
+    images = shapes_dataset(tmp_path / "images")
+    dest, env = copy_project(tmp_path, {
         "ingest.source": str(images), "ingest.watch": str(images), "validate.min_images_per_class": 5,
         "train.epochs": 3, "train.image_size": 24, "train.lr": 0.01,
         "promote.min_accuracy": 0.0, "promote.min_macro_f1": 0.0, "evaluate.bootstrap_samples": 100,
         "evaluate.gradcam": False, "promote.min_onnx_agreement": None,
         "schedule.task_runner": runner, "schedule.max_parallel": 2,
-    })
-    (dest / "sweep.yaml").write_text("- {train.epochs: 2}\n- {train.epochs: 4}\n")
-    env = _env(tmp_path)
-    env["PYTHONPATH"] = str(dest)
-    for cmd in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "copy"]):
-        subprocess.run(cmd, cwd=dest, check=True, env=env)
+    }, files={"sweep.yaml": "- {train.epochs: 2}\n- {train.epochs: 4}\n"})
 
     def dvc(*args: str) -> str:
         return subprocess.run([sys.executable, "-m", "dvc", *args], cwd=dest, env=env, capture_output=True,
