@@ -18,7 +18,7 @@ from pathlib import Path, PurePosixPath
 from typing import IO, Callable, Literal
 
 from tasks.archive import ArchiveError, Caps, download, extract_archive, is_archive, safe_name
-from tasks.io import replace_dir, sha256_file, staging_dir, tree_digest, write_json
+from tasks.io import list_files, replace_dir, sha256_file, staging_dir, tree_digest, write_json
 from tasks.sample import SAMPLE_PREFIX, materialise
 
 RAW_DIR = Path("data/raw")
@@ -61,8 +61,8 @@ class _Report:
     rejected: list[dict[str, str]] = field(default_factory=list)
     ignored: list[str] = field(default_factory=list)
     renamed: list[dict[str, str]] = field(default_factory=list)
-    made: set[Path] = field(default_factory=set)  # folders already created under dest
-    digests: dict[Path, str] = field(default_factory=dict)  # sha256 of files hashed while copying
+    made: set[str] = field(default_factory=set)  # folders already created under dest
+    digests: dict[str, str] = field(default_factory=dict)  # sha256 of files hashed while copying, by target path
 
     def reject(self, path: str, reason: str, label: str = "") -> None:
         self.rejected.append({"path": safe_name(path), "label": safe_name(label), "reason": reason})
@@ -98,10 +98,10 @@ def detect_layout(root: Path) -> Layout:
     return "classes"
 
 
-def _walk(src: Path, report: _Report) -> list[tuple[str, Path]]:
+def _walk(src: Path, report: _Report) -> list[tuple[str, Path | str]]:
     """(relative POSIX path, file path) of every regular file under src; links and oddities reported."""
     root = src.resolve()
-    found: list[tuple[str, Path]] = []
+    found: list[tuple[str, Path | str]] = []
     stack = [(src, "")]
     while stack:
         folder, prefix = stack.pop()
@@ -111,8 +111,8 @@ def _walk(src: Path, report: _Report) -> list[tuple[str, Path]]:
                 if is_hidden(PurePosixPath(entry.name)):
                     report.ignored.append(safe_name(rel))
                     continue
-                path = Path(entry.path)
                 if entry.is_symlink():
+                    path = Path(entry.path)
                     target = path.resolve()
                     inside = target.is_relative_to(root)
                     if target.is_dir():  # not followed: a folder link could loop or leave the source
@@ -125,40 +125,42 @@ def _walk(src: Path, report: _Report) -> list[tuple[str, Path]]:
                     else:
                         found.append((rel, path))
                 elif entry.is_dir(follow_symlinks=False):
-                    stack.append((path, rel + "/"))
+                    stack.append((Path(entry.path), rel + "/"))
                 elif entry.is_file(follow_symlinks=False):
-                    found.append((rel, path))
+                    found.append((rel, entry.path))  # a plain string: no Path object per file
                 else:
                     report.reject(rel, "not a regular file (device, FIFO or socket)", rel.split("/")[0])
     return sorted(found)
 
 
-def _place(dest: Path, parts: list[str], report: _Report, original: str) -> Path | None:
+def _place(dest: Path, parts: list[str], report: _Report, original: str) -> str | None:
     """dest/<parts> with every part valid UTF-8; a renamed part is recorded, a clash is rejected."""
     safe = [safe_name(p) for p in parts]
-    target = dest.joinpath(*safe)
+    target = os.path.join(dest, *safe)
     if safe != parts:
-        if target.exists():
+        if os.path.exists(target):
             report.reject(original, f"name is not valid UTF-8 and its readable form {'/'.join(safe)!r} is taken",
                           safe[0])
             return None
         report.renamed.append({"from": safe_name(original), "to": "/".join(safe),
                                "reason": "file name is not valid UTF-8"})
-    if target.parent not in report.made:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        report.made.add(target.parent)
+    parent = os.path.dirname(target)
+    if parent not in report.made:
+        os.makedirs(parent, exist_ok=True)
+        report.made.add(parent)
     return target
 
 
-def _transfer(path: Path, target: Path, report: _Report, *, move: bool) -> None:
-    """Copy (or, for a scratch extraction, move) one file; small files are hashed on the way through."""
-    if move and not path.is_symlink():
+def _transfer(path: Path | str, target: str, report: _Report, *, move: bool) -> None:
+    """Copy (or, for a scratch extraction, move) one file; small files are read once, hashed on the way through."""
+    if move and not os.path.islink(path):
         os.replace(path, target)
         return
-    if path.stat().st_size > _HASH_WHILE_COPYING:
+    with open(path, "rb") as src:
+        data = src.read() if os.fstat(src.fileno()).st_size <= _HASH_WHILE_COPYING else None
+    if data is None:
         shutil.copyfile(path, target)
         return
-    data = path.read_bytes()
     with open(target, "xb") as out:
         out.write(data)
     report.digests[target] = hashlib.sha256(data).hexdigest()
@@ -257,16 +259,15 @@ def copy_csv(csv_path: Path, dest: Path, report: _Report) -> Layout:
 
 def _summarise(source: str, kind: str, layout: Layout, dest: Path, report: _Report,
                source_sha256: str | None) -> IngestResult:
-    files = sorted(p for p in dest.rglob("*") if p.is_file())
+    files = list_files(dest)
     classes: dict[str, int] = {}
     splits: dict[str, int] = {}
-    for p in files:
-        parts = p.relative_to(dest).parts
+    for parts, _ in files:
         label = parts[1] if layout == "presplit" else parts[0]
         classes[label] = classes.get(label, 0) + 1
         if layout == "presplit":
             splits[parts[0]] = splits.get(parts[0], 0) + 1
-    digest = tree_digest((p.relative_to(dest).as_posix(), report.digests.get(p) or sha256_file(p)) for p in files)
+    digest = tree_digest(("/".join(parts), report.digests.get(p) or sha256_file(Path(p))) for parts, p in files)
     ignored = sorted(report.ignored)
     return IngestResult(source=source, kind=kind, layout=layout, content_hash=digest, n_files=len(files),
                         classes=dict(sorted(classes.items())), splits=dict(sorted(splits.items())),

@@ -22,6 +22,23 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+def list_files(root: Path | str) -> list[tuple[tuple[str, ...], str]]:
+    """(relative path parts, path) of every file under root, sorted by parts: what Path.rglob("*") with
+    is_file() finds (folder links are not followed, file links are), without a Path object per file."""
+    found: list[tuple[tuple[str, ...], str]] = []
+    stack: list[tuple[str, tuple[str, ...]]] = [(str(root), ())] if os.path.isdir(root) else []
+    while stack:
+        folder, parts = stack.pop()
+        with os.scandir(folder) as entries:
+            for entry in entries:
+                if entry.is_dir(follow_symlinks=False):
+                    stack.append((entry.path, (*parts, entry.name)))
+                elif entry.is_file():
+                    found.append(((*parts, entry.name), entry.path))
+    found.sort()
+    return found
+
+
 def tree_digest(entries: Iterable[tuple[str, str]]) -> str:
     """One hash for a set of (relative path, file hash) pairs, order-independent."""
     h = hashlib.sha256()

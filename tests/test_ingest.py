@@ -78,6 +78,21 @@ def test_folder_content_hash_is_deterministic_and_location_independent(image_fol
     assert a.content_hash == b.content_hash
 
 
+def test_content_hash_is_the_tree_digest_of_the_copied_files_whether_hashed_while_copying_or_after(
+        image_folder, tmp_path, monkeypatch):
+    import tasks.ingest as ing
+    from tasks.io import tree_digest
+
+    copied = ingest(str(image_folder), tmp_path / "a")  # small files: hashed on the way through
+    monkeypatch.setattr(ing, "_HASH_WHILE_COPYING", 0)  # every file "large": copied, then hashed from disk
+    streamed = ingest(str(image_folder), tmp_path / "b")
+    files = sorted(p for p in (tmp_path / "b").rglob("*") if p.is_file())
+    expected = tree_digest((p.relative_to(tmp_path / "b").as_posix(), sha256_file(p)) for p in files)
+    assert copied.content_hash == streamed.content_hash == expected
+    assert _snapshot(tmp_path / "a") == _snapshot(tmp_path / "b") == _snapshot(image_folder)
+    assert copied.n_files == len(files) and sum(copied.classes.values()) == len(files)
+
+
 def test_content_hash_changes_when_one_image_changes(image_folder, tmp_path):
     dest = tmp_path / "raw"
     before = ingest(str(image_folder), dest)

@@ -410,10 +410,67 @@ def test_process_pool_gives_the_same_manifest(image_folder, monkeypatch):
     import tasks.validate as v
 
     _write_bad(image_folder)
-    serial = build_manifest(image_folder, workers=1)
+    _write_odd_but_fine(image_folder)
+    serial = build_manifest(image_folder, workers=1, max_pixels=4_000_000)
     monkeypatch.setattr(v, "POOL_MIN_FILES", 1)
-    pooled = build_manifest(image_folder, workers=2)
+    monkeypatch.setattr(v, "_chunks", lambda names, workers: [names[i:i + 5] for i in range(0, len(names), 5)])
+    waited = []
+    pooled = build_manifest(image_folder, workers=2, max_pixels=4_000_000, while_waiting=lambda: waited.append(1))
     pd.testing.assert_frame_equal(serial, pooled)
+    assert waited == [1]
+
+
+def test_corrupt_files_in_the_pool_path_are_quarantined_with_their_reason(image_folder, tmp_path, monkeypatch):
+    import re
+
+    import tasks.validate as v
+
+    bad = _write_bad(image_folder)
+    monkeypatch.setattr(v, "POOL_MIN_FILES", 1)
+    outcome = _run(image_folder, tmp_path / "out", max_pixels=4_000_000, workers=2)
+    assert outcome.discovered == outcome.accepted + outcome.quarantined and outcome.quarantined == len(bad)
+    quarantine = pd.read_csv(tmp_path / "out" / "reports" / "validation" / "quarantine.csv", keep_default_na=False)
+    reasons = dict(zip(quarantine["path"], quarantine["reason"]))
+    assert set(reasons) == set(bad)
+    for path, pattern in bad.items():
+        assert re.search(pattern, reasons[path]), (path, reasons[path])
+        assert (image_folder / path).is_file()  # quarantined, never deleted
+
+
+def test_batched_phash_is_imagehash_phash_of_the_policy_image(image_folder, tmp_path):
+    """The manifest's phash is imagehash.phash of the oriented, policy-converted image, bit for bit."""
+    import imagehash
+
+    from tasks.preprocess import open_image, to_mode
+
+    _write_odd_but_fine(image_folder)
+    rng = np.random.default_rng(7)
+    Image.new("L", (9, 9), 77).save(image_folder / "dog" / "flat.png")  # all DCT ties
+    Image.fromarray(rng.integers(0, 256, (50, 31, 4), dtype=np.uint8), "RGBA").save(image_folder / "dog" / "rgba.png")
+    manifest = build_manifest(image_folder, workers=1)
+    assert manifest["accepted"].all()
+    for rel, phash in zip(manifest["path"], manifest["phash"]):
+        expected = str(imagehash.phash(to_mode(open_image(image_folder / rel), "L")))
+        assert phash == expected == inspect_image(image_folder / rel)["phash"], rel
+
+
+def test_discover_lists_files_in_path_order_without_following_folder_links(tmp_path):
+    from tasks.validate import discover
+
+    raw = tmp_path / "raw"
+    for rel in ("a/1.png", "a/b.png", "a-b/0.png", "a.b/x.png", "z/deep/er.png"):
+        (raw / rel).parent.mkdir(parents=True, exist_ok=True)
+        (raw / rel).write_bytes(b"x")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "o.png").write_bytes(b"x")
+    (raw / "linked").symlink_to(outside, target_is_directory=True)
+    (raw / "a" / "link.png").symlink_to(raw / "a" / "1.png")
+    expected = sorted(p for p in raw.rglob("*") if p.is_file())
+    found = discover(raw)
+    assert [Path(f[0]) for f in found] == expected
+    assert [f[1] for f in found] == [p.relative_to(raw).as_posix() for p in expected]
+    assert ("a-b/0.png", "a-b") == found[[f[1] for f in found].index("a-b/0.png")][1:3]
 
 
 # --- the contract's other expectations ----------------------------------------------------------------
