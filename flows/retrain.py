@@ -346,6 +346,8 @@ def run_early_stages(root: Path, server: ServerStart, overrides: dict[str, Any])
         except RunBusy:
             return done  # the flow waits for the lock (or refuses) and reports it, as without an early start
         stack.enter_context(overridden(root / "params.yaml", overrides))
+        store = threading.Thread(target=open_mlflow_store, args=(root,), name="mlflow-store", daemon=True)
+        store.start()
         for stage in EARLY_STAGES:
             if server.ready:
                 break
@@ -353,7 +355,22 @@ def run_early_stages(root: Path, server: ServerStart, overrides: dict[str, Any])
                 done[stage] = run_stage(str(root), stage)
             except Exception:  # noqa: BLE001
                 break
+        store.join()
     return done
+
+
+def open_mlflow_store(root: Path) -> None:
+    """Import mlflow and create a local store's schema and experiment now, off the critical path (train and
+    register would each wait for it). Remote stores are left alone; errors are reported by train/register."""
+    try:
+        params = load_params(root / "params.yaml")
+        uri = params.register_.tracking_uri
+        if uri.startswith(("sqlite:", "file:")) or "://" not in uri:
+            from tasks import tracking
+
+            tracking.configure(uri, params.register_.experiment, root)
+    except Exception:  # noqa: BLE001
+        pass
 
 
 def run_retrain(*, overrides: dict[str, Any] | None = None, allow_promotion: bool = True,

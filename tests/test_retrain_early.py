@@ -39,6 +39,7 @@ def project(tmp_path: Path) -> Path:
 
 def test_early_stages_run_under_the_lock_and_overrides_until_the_server_is_up(project, monkeypatch):
     seen: list[tuple[str, str]] = []
+    monkeypatch.setattr(rt, "open_mlflow_store", lambda root: None)
 
     def fake_stage(root: str, stage: str) -> list[str]:
         with pytest.raises(rt.RunBusy):  # the lock is held while a stage runs early
@@ -63,6 +64,7 @@ def test_a_failing_early_stage_is_left_to_the_flow(project, monkeypatch):
         return [stage]
 
     monkeypatch.setattr(rt, "run_stage", fake_stage)
+    monkeypatch.setattr(rt, "open_mlflow_store", lambda root: None)
     assert rt.run_early_stages(project, FakeServer(after=10), {}) == {"ingest": ["ingest"]}
 
 
@@ -93,6 +95,7 @@ def test_run_retrain_starts_early_only_with_the_temporary_server(project, monkey
     monkeypatch.setattr(rt, "temporary_api", lambda: temporary)
     monkeypatch.setattr(rt, "ServerStart", lambda: server)
     monkeypatch.setattr(rt, "run_stage", lambda root, stage: [stage])
+    monkeypatch.setattr(rt, "open_mlflow_store", lambda root: None)
     out = rt.run_retrain(overrides={"train.epochs": 3}, project_dir=str(project), task_runner="runner")
     assert out == {"ok": True} and flow.runner == "runner"
     (call,) = flow.calls
@@ -123,3 +126,17 @@ def test_the_flow_counts_early_stages_as_run_and_still_asks_dvc(project, monkeyp
         summary = rt.retrain(project_dir=str(project), ran_early={"ingest": ["ingest"], "validate": ["validate"]})
     assert asked == list(rt.STAGES)
     assert summary["stages_run"] == ["ingest", "validate", "train"]
+
+
+def test_the_local_mlflow_store_is_created_early(project, monkeypatch):
+    import sqlite3
+
+    import mlflow
+
+    monkeypatch.chdir(project)
+    monkeypatch.setenv("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", "false")
+    rt.open_mlflow_store(project)
+    mlflow.set_tracking_uri(None)
+    tables = {r[0] for r in sqlite3.connect(project / "mlflow.db").execute("select name from sqlite_master")}
+    assert {"experiments", "runs"} <= tables
+    rt.open_mlflow_store(project / "nowhere")  # no params there: silently nothing (train reports it)
