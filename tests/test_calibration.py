@@ -63,3 +63,25 @@ def test_fit_temperature_leaves_the_thread_count_as_it_was():
     threads = torch.get_num_threads()
     fit_temperature(torch.randn(50, 3) * 4, torch.randint(0, 3, (50,)))
     assert torch.get_num_threads() == threads
+
+
+@pytest.mark.parametrize("scale", [0.3, 1.0, 3.0, 10.0])
+def test_fit_temperature_finds_the_nll_minimum(scale):
+    """Closed-form Newton (no torch.optim, whose first use imports torch._dynamo): the NLL is at its minimum."""
+    import torch.nn.functional as F
+
+    g = torch.Generator().manual_seed(int(scale * 10))
+    targets = torch.randint(0, 10, (400,), generator=g)
+    logits = (torch.randn(400, 10, generator=g) + 2 * F.one_hot(targets, 10)) * scale
+    t = fit_temperature(logits, targets)
+    nll = lambda temp: float(F.cross_entropy(logits.double() / temp, targets))  # noqa: E731
+    assert nll(t) <= min(nll(t * 1.01), nll(t / 1.01))
+    assert t == pytest.approx(scale / 2, rel=0.5)  # roughly undoes the scale
+
+
+def test_a_separable_validation_split_gets_no_temperature():
+    import torch.nn.functional as F
+
+    targets = torch.randint(0, 10, (300,), generator=torch.Generator().manual_seed(0))
+    logits = torch.randn(300, 10, generator=torch.Generator().manual_seed(1)) + 8 * F.one_hot(targets, 10)
+    assert fit_temperature(logits, targets) == 1.0
