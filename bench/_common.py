@@ -54,7 +54,9 @@ def make_dataset(dest: Path, *, n_images: int, classes: int = 10, size: int = 32
 
 def env(tmp: Path) -> dict[str, str]:
     e = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_"))}
-    e.update(PREFECT_HOME=str(tmp / "prefect-home"), DVC_SITE_CACHE_DIR=str(tmp / "dvc-site"),
+    # The `imgclf` console script must run the copy's code, not whichever checkout the venv was installed from.
+    e.update(PYTHONPATH=str(tmp / "project"), PREFECT_HOME=str(tmp / "prefect-home"),
+             DVC_SITE_CACHE_DIR=str(tmp / "dvc-site"),
              PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="120",
              PATH=str(BIN) + os.pathsep + os.environ.get("PATH", ""),
              GIT_AUTHOR_NAME="b", GIT_AUTHOR_EMAIL="b@b", GIT_COMMITTER_NAME="b", GIT_COMMITTER_EMAIL="b@b")

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -19,6 +20,9 @@ from tasks.config import load_params, project_root, restore_file, source_overrid
 
 STAGES = ("ingest", "validate", "split", "train", "evaluate")
 STAGE_TIMEOUT_S = {"ingest": 3600, "validate": 3600, "split": 600, "train": 24 * 3600, "evaluate": 3600}
+# Stages `imgclf run` may run through DVC while Prefect's temporary API server starts (never train/evaluate:
+# they are long and their timeouts matter).
+EARLY_STAGES = ("ingest", "validate", "split")
 
 
 def _stage_env() -> None:
@@ -296,13 +300,112 @@ def _publish(root: Path, summary: dict[str, Any]) -> None:
         create_table_artifact(rows, key="per-class-metrics", description="test split, per class")
 
 
+def temporary_api() -> bool:
+    """True when a flow started here would start Prefect's temporary API server (no PREFECT_API_URL)."""
+    from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_ENABLED
+
+    return not PREFECT_API_URL.value() and bool(PREFECT_SERVER_EPHEMERAL_ENABLED.value())
+
+
+class ServerStart:
+    """Prefect's temporary API server, started in a background thread.
+
+    It is the same process-wide instance the flow's client uses (SubprocessASGIServer is one per port), so
+    once `wait()` returns the flow finds it running. Join before any Prefect API call: while a start is in
+    progress the instance already reports itself running. A failed start is left for the flow to retry
+    (and report) as usual."""
+
+    def __init__(self) -> None:
+        from prefect.server.api.server import SubprocessASGIServer
+
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._start, args=(SubprocessASGIServer(),),
+                                        name="prefect-server-start", daemon=True)
+        self._thread.start()
+
+    def _start(self, server) -> None:
+        try:
+            server.start()
+        except BaseException as exc:  # noqa: BLE001  (the flow's own start raises it again, in context)
+            self.error = exc
+
+    @property
+    def ready(self) -> bool:
+        return not self._thread.is_alive()
+
+    def wait(self) -> None:
+        self._thread.join()
+
+
+def run_early_stages(root: Path, server: ServerStart, overrides: dict[str, Any]) -> dict[str, list[str]]:
+    """While the server starts: hold the run lock, apply the overrides and run EARLY_STAGES through DVC,
+    stopping once the server is up or at the first stage that fails (the flow runs that one as a task, with
+    its retries, logs and failure hooks). Nothing runs when another run holds the lock."""
+    from contextlib import ExitStack
+
+    done: dict[str, list[str]] = {}
+    with ExitStack() as stack:
+        try:
+            stack.enter_context(run_lock(root, 0))
+        except RunBusy:
+            return done  # the flow waits for the lock (or refuses) and reports it, as without an early start
+        stack.enter_context(overridden(root / "params.yaml", overrides))
+        store = threading.Thread(target=open_mlflow_store, args=(root,), name="mlflow-store", daemon=True)
+        store.start()
+        for stage in EARLY_STAGES:
+            if server.ready:
+                break
+            try:
+                done[stage] = run_stage(str(root), stage)
+            except Exception:  # noqa: BLE001
+                break
+        store.join()
+    return done
+
+
+def open_mlflow_store(root: Path) -> None:
+    """Import mlflow and create a local store's schema and experiment now, off the critical path (train and
+    register would each wait for it). Remote stores are left alone; errors are reported by train/register."""
+    try:
+        params = load_params(root / "params.yaml")
+        uri = params.register_.tracking_uri
+        if uri.startswith(("sqlite:", "file:")) or "://" not in uri:
+            from tasks import tracking
+
+            tracking.configure(uri, params.register_.experiment, root)
+    except Exception:  # noqa: BLE001
+        pass
+
+
+def run_retrain(*, overrides: dict[str, Any] | None = None, allow_promotion: bool = True,
+                project_dir: str | None = None, sweep: list[dict[str, Any]] | None = None,
+                task_runner: Any = None) -> dict[str, Any]:
+    """`imgclf run`: the retrain flow; with Prefect's temporary API server (no PREFECT_API_URL) the server
+    starts in the background while the first stages run through DVC, hiding most of its start-up."""
+    flow_fn = retrain.with_options(task_runner=task_runner) if task_runner is not None else retrain
+    kwargs: dict[str, Any] = dict(overrides=overrides, allow_promotion=allow_promotion, project_dir=project_dir,
+                                  sweep=sweep)
+    if not temporary_api():
+        return flow_fn(**kwargs)
+    server = ServerStart()
+    try:
+        root = project_root(Path(project_dir) if project_dir else None)
+        early = run_early_stages(root, server, overrides or {})
+    finally:
+        server.wait()
+    return flow_fn(**kwargs, ran_early=early or None)
+
+
 @flow(name="retrain", log_prints=True, on_failure=[_notify_failure], on_crashed=[_notify_failure])
 def retrain(overrides: dict[str, Any] | None = None, source: str | None = None, allow_promotion: bool = True,
-            project_dir: str | None = None, sweep: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+            project_dir: str | None = None, sweep: list[dict[str, Any]] | None = None,
+            ran_early: dict[str, list[str]] | None = None) -> dict[str, Any]:
     """Ingest -> validate -> split -> train -> evaluate (through DVC), then register and promote.
 
     With `sweep` (a list of override dicts), train+evaluate run once per candidate as DVC experiments
-    and the best by validation accuracy is applied to the workspace before registering."""
+    and the best by validation accuracy is applied to the workspace before registering. `ran_early`
+    ({stage: stages DVC ran}) is what `run_retrain` ran before the flow started; those stages are still
+    tasks here (DVC re-checks them) and count as run."""
     logger = get_run_logger()
     root = project_root(Path(project_dir) if project_dir else None)
     overrides = {**(source_overrides(source) if source else {}), **(overrides or {})}
@@ -320,8 +423,11 @@ def retrain(overrides: dict[str, Any] | None = None, source: str | None = None, 
         for stage in (STAGES[:3] if sweep else STAGES):
             stage_task = task(run_stage, name=stage, timeout_seconds=STAGE_TIMEOUT_S[stage],
                               retries=2 if stage == "ingest" else 0, retry_delay_seconds=10)
-            did = stage_task(str(root), stage)
-            logger.info("%s: %s", stage, "ran" if did else "up to date")
+            did = stage_task(str(root), stage)  # DVC re-checks a stage that ran early: a no-op unless changed since
+            early = (ran_early or {}).get(stage, [])
+            did = early + [s for s in did if s not in early]
+            logger.info("%s: %s", stage, ("ran" if did else "up to date")
+                        + (" (through DVC while the API server started)" if early else ""))
             ran += did
         if sweep:
             swept = run_sweep(root, sweep, logger)

@@ -18,26 +18,32 @@ INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
 
 
-def measure_latency(call: Callable[[], Any], *, repeats: int = 20, warmup: int = 3) -> float:
-    """Median wall time of call() in milliseconds, after warm-up calls."""
+def measure_latency(call: Callable[[], Any], *, repeats: int = 20, warmup: int = 3,
+                    budget_s: float | None = None, min_repeats: int = 5) -> float:
+    """Median wall time of call() in milliseconds, after warm-up calls. With budget_s, timing stops once that
+    many seconds went by (warm-up included) and at least min_repeats runs were timed."""
+    start = time.perf_counter()
     for _ in range(warmup):
         call()
-    times = []
+    times: list[float] = []
     for _ in range(max(1, repeats)):
         t0 = time.perf_counter()
         call()
         times.append((time.perf_counter() - t0) * 1000.0)
+        if budget_s is not None and len(times) >= min_repeats and time.perf_counter() - start > budget_s:
+            break
     return statistics.median(times)
 
 
-def torch_latency_ms(model: "nn.Module", spec: Preprocess, *, batch: int, repeats: int = 20) -> float:
+def torch_latency_ms(model: "nn.Module", spec: Preprocess, *, batch: int, repeats: int = 20,
+                     budget_s: float | None = None) -> float:
     """Eager torch latency on CPU for one normalised batch of the given size, per batch."""
     import torch
 
     model = model.to("cpu").eval()
     x = torch.randn(batch, spec.channels, spec.size, spec.size)
     with torch.inference_mode():
-        return measure_latency(lambda: model(x), repeats=repeats)
+        return measure_latency(lambda: model(x), repeats=repeats, budget_s=budget_s)
 
 
 def export_onnx(model: "nn.Module", spec: Preprocess, dest: Path, *, opset: int = 17) -> Path:

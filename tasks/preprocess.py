@@ -106,9 +106,18 @@ def policy_notes(img: "Image.Image", *, n_frames: int = 1, orientation: int | No
 
 def to_uint8_tensor(img: "Image.Image", spec: Preprocess) -> "torch.Tensor":
     """PIL image -> uint8 tensor C x size x size: shorter side resized to size, then centre-cropped."""
+    img = to_mode(img, spec.mode)
+    if img.size == (spec.size, spec.size):
+        # Resize and crop would return it unchanged; for small images torchvision's per-call dispatch (and its
+        # import, ~1.5 s) cost more than the decode itself.
+        import numpy as np
+        import torch
+
+        arr = torch.from_numpy(np.array(img, copy=True))
+        return arr[None] if arr.ndim == 2 else arr.permute(2, 0, 1)
     from torchvision.transforms.v2 import functional as F
 
-    tensor = F.pil_to_tensor(to_mode(img, spec.mode))
+    tensor = F.pil_to_tensor(img)
     tensor = F.resize(tensor, [spec.size], antialias=True)
     return F.center_crop(tensor, [spec.size, spec.size])
 

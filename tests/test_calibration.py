@@ -43,3 +43,45 @@ def test_degenerate_temperature_falls_back_to_one():
     logits = torch.tensor([[50.0, -50.0], [-50.0, 50.0]])
     assert 1e-2 <= fit_temperature(logits, torch.tensor([0, 1])) <= 1e2
     assert fit_temperature(torch.empty(0, 2), torch.empty(0, dtype=torch.int64)) == 1.0
+
+
+def test_ece_matches_torchmetrics_binning():
+    """ECE is computed without importing torchmetrics (slow to import); the same bins and number."""
+    from torchmetrics.functional.classification import multiclass_calibration_error
+
+    g = torch.Generator().manual_seed(3)
+    probs = torch.softmax(torch.randn(500, 5, generator=g) * 3, 1)
+    probs[0] = torch.tensor([1.0, 0, 0, 0, 0])  # confidence exactly 1
+    targets = torch.randint(0, 5, (500,), generator=g)
+    for bins in (1, 10, 15):
+        ours = expected_calibration_error(probs, targets, n_bins=bins)
+        theirs = float(multiclass_calibration_error(probs, targets, num_classes=5, n_bins=bins, norm="l1"))
+        assert ours == pytest.approx(theirs, abs=1e-6)
+
+
+def test_fit_temperature_leaves_the_thread_count_as_it_was():
+    threads = torch.get_num_threads()
+    fit_temperature(torch.randn(50, 3) * 4, torch.randint(0, 3, (50,)))
+    assert torch.get_num_threads() == threads
+
+
+@pytest.mark.parametrize("scale", [0.3, 1.0, 3.0, 10.0])
+def test_fit_temperature_finds_the_nll_minimum(scale):
+    """Closed-form Newton (no torch.optim, whose first use imports torch._dynamo): the NLL is at its minimum."""
+    import torch.nn.functional as F
+
+    g = torch.Generator().manual_seed(int(scale * 10))
+    targets = torch.randint(0, 10, (400,), generator=g)
+    logits = (torch.randn(400, 10, generator=g) + 2 * F.one_hot(targets, 10)) * scale
+    t = fit_temperature(logits, targets)
+    nll = lambda temp: float(F.cross_entropy(logits.double() / temp, targets))  # noqa: E731
+    assert nll(t) <= min(nll(t * 1.01), nll(t / 1.01))
+    assert t == pytest.approx(scale / 2, rel=0.5)  # roughly undoes the scale
+
+
+def test_a_separable_validation_split_gets_no_temperature():
+    import torch.nn.functional as F
+
+    targets = torch.randint(0, 10, (300,), generator=torch.Generator().manual_seed(0))
+    logits = torch.randn(300, 10, generator=torch.Generator().manual_seed(1)) + 8 * F.one_hot(targets, 10)
+    assert fit_temperature(logits, targets) == 1.0

@@ -258,3 +258,46 @@ def test_evaluate_params_are_validated_and_off_by_default():
         load_params(repo, {"evaluate.cv_folds": 1})
     with pytest.raises(ParamsError, match="evaluate.nope"):
         load_params(repo, {"evaluate.nope": 1})
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_compute_metrics_and_confusion_match_torchmetrics(seed):
+    """The metrics are computed without importing torchmetrics (slow to import); same numbers, including a class
+    that is never predicted, one that never occurs, and tied scores."""
+    import warnings
+
+    from torchmetrics.functional.classification import (multiclass_accuracy, multiclass_auroc,
+                                                        multiclass_confusion_matrix, multiclass_f1_score,
+                                                        multiclass_precision, multiclass_recall)
+
+    from tasks.evaluate import confusion_matrix
+
+    g = torch.Generator().manual_seed(seed)
+    k, n = 7, 300
+    targets = torch.randint(0, k - 1, (n,), generator=g)  # class k-1 never occurs
+    logits = torch.randn(n, k, generator=g) + 2.0 * torch.nn.functional.one_hot(targets, k)
+    logits[:, 3] -= 100  # class 3 is never predicted
+    probs = torch.softmax(logits.round(decimals=1), 1)  # rounding makes ties in the scores
+    m = compute_metrics(probs, targets, [f"c{i}" for i in range(k)])
+    assert m["accuracy"] == pytest.approx(float(multiclass_accuracy(probs, targets, num_classes=k, average="micro")))
+    assert m["top5_accuracy"] == pytest.approx(float(multiclass_accuracy(probs, targets, num_classes=k,
+                                                                         average="micro", top_k=5)))
+    for name, fn in (("precision", multiclass_precision), ("recall", multiclass_recall), ("f1", multiclass_f1_score)):
+        for avg in ("macro", "weighted"):
+            assert m[f"{avg}_{name}"] == pytest.approx(float(fn(probs, targets, num_classes=k, average=avg)), abs=1e-6)
+        per = fn(probs, targets, num_classes=k, average="none")
+        assert [m["per_class"][f"c{i}"][name] for i in range(k)] == pytest.approx(per.tolist(), abs=1e-6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        auroc = multiclass_auroc(probs, targets, num_classes=k, average="none")
+    assert m["roc_auc_ovr"] == pytest.approx(sum(auroc[: k - 1].tolist()) / (k - 1), abs=1e-5)
+    pred = probs.argmax(1)
+    assert torch.equal(confusion_matrix(pred, targets, k), multiclass_confusion_matrix(pred, targets, num_classes=k))
+
+
+def test_background_returns_the_value_or_raises_in_the_caller():
+    from tasks.evaluate import Background
+
+    assert Background(lambda a, b: a + b, 2, 3).result() == 5
+    with pytest.raises(ValueError, match="boom"):
+        Background(lambda: (_ for _ in ()).throw(ValueError("boom"))).result()

@@ -44,3 +44,17 @@ def test_torch_latency_grows_with_the_batch():
     spec = Preprocess.for_mode("L", 32)
     model = build_model("smallcnn", num_classes=3, in_channels=1)
     assert torch_latency_ms(model, spec, batch=64, repeats=3) > torch_latency_ms(model, spec, batch=1, repeats=3)
+
+
+def test_measure_latency_stops_at_its_time_budget_after_the_minimum_runs():
+    import time
+
+    from tasks.export import measure_latency
+
+    calls = []
+    slow = lambda: (calls.append(1), time.sleep(0.02))  # noqa: E731
+    assert measure_latency(slow, repeats=50, warmup=1, budget_s=0.05, min_repeats=5) >= 20
+    assert len(calls) == 1 + 5  # warm-up + the minimum: the budget was spent by then
+    calls.clear()
+    measure_latency(slow, repeats=4, warmup=0, budget_s=10)
+    assert len(calls) == 4  # never more than repeats

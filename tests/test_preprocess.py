@@ -269,3 +269,19 @@ def test_policy_notes_say_what_the_policy_does():
     assert notes == ["first of 4 frames used", "EXIF orientation 8 applied", "transparency composited on white"]
     assert policy_notes(Image.new("CMYK", (2, 2))) == ["CMYK converted to RGB"]
     assert policy_notes(Image.new("I;16", (2, 2))) == ["I;16 rescaled to 8-bit (not clipped)"]
+
+
+@pytest.mark.parametrize("mode", ["L", "RGB"])
+def test_an_image_already_at_size_skips_torchvision_with_identical_pixels(mode):
+    import numpy as np
+    import torch
+    from PIL import Image
+    from torchvision.transforms.v2 import functional as F
+
+    rng = np.random.default_rng(0)
+    shape = (24, 24) if mode == "L" else (24, 24, 3)
+    img = Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8), mode=mode)
+    spec = Preprocess.for_mode(mode, 24)
+    fast = to_uint8_tensor(img, spec)
+    slow = F.center_crop(F.resize(F.pil_to_tensor(img), [24], antialias=True), [24, 24])
+    assert fast.dtype == torch.uint8 and fast.shape == slow.shape and torch.equal(fast, slow)

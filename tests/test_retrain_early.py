@@ -1,0 +1,142 @@
+"""`imgclf run` with Prefect's temporary API server: the server starts in the background while the first
+stages run through DVC. Fast tests with the stages, the server and the flow replaced; the real thing runs in
+tests/test_flow.py (every `imgclf run` there takes this path)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import flows.retrain as rt
+
+
+class FakeServer:
+    """Becomes ready after `after` readiness checks."""
+
+    def __init__(self, after: int) -> None:
+        self.after, self.checks, self.waited = after, 0, False
+
+    @property
+    def ready(self) -> bool:
+        self.checks += 1
+        return self.checks > self.after
+
+    def wait(self) -> None:
+        self.waited = True
+
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def project(tmp_path: Path) -> Path:
+    (tmp_path / "params.yaml").write_text((REPO / "params.yaml").read_text())
+    (tmp_path / "dvc.yaml").write_text("stages: {}\n")
+    return tmp_path
+
+
+def test_early_stages_run_under_the_lock_and_overrides_until_the_server_is_up(project, monkeypatch):
+    seen: list[tuple[str, str]] = []
+    monkeypatch.setattr(rt, "open_mlflow_store", lambda root: None)
+
+    def fake_stage(root: str, stage: str) -> list[str]:
+        with pytest.raises(rt.RunBusy):  # the lock is held while a stage runs early
+            with rt.run_lock(Path(root), 0):
+                pass
+        seen.append((stage, (Path(root) / "params.yaml").read_text()))
+        return [stage] if stage != "validate" else []
+
+    monkeypatch.setattr(rt, "run_stage", fake_stage)
+    done = rt.run_early_stages(project, FakeServer(after=2), {"train.epochs": 3})
+    assert done == {"ingest": ["ingest"], "validate": []}  # the server was up before split
+    assert [s for s, _ in seen] == ["ingest", "validate"] and all("\n  epochs: 3\n" in p for _, p in seen)
+    assert (project / "params.yaml").read_text() == (REPO / "params.yaml").read_text()  # put back for the flow
+    with rt.run_lock(project, 0):  # and released
+        pass
+
+
+def test_a_failing_early_stage_is_left_to_the_flow(project, monkeypatch):
+    def fake_stage(root: str, stage: str) -> list[str]:
+        if stage == "validate":
+            raise RuntimeError("contract failed")
+        return [stage]
+
+    monkeypatch.setattr(rt, "run_stage", fake_stage)
+    monkeypatch.setattr(rt, "open_mlflow_store", lambda root: None)
+    assert rt.run_early_stages(project, FakeServer(after=10), {}) == {"ingest": ["ingest"]}
+
+
+def test_nothing_runs_early_while_another_run_holds_the_lock(project, monkeypatch):
+    monkeypatch.setattr(rt, "run_stage", lambda root, stage: pytest.fail("ran a stage without the lock"))
+    with rt.run_lock(project, 0):
+        assert rt.run_early_stages(project, FakeServer(after=10), {}) == {}
+
+
+class FakeFlow:
+    def __init__(self) -> None:
+        self.calls: list[dict[str, Any]] = []
+        self.runner = None
+
+    def with_options(self, task_runner: Any) -> "FakeFlow":
+        self.runner = task_runner
+        return self
+
+    def __call__(self, **kwargs: Any) -> dict[str, Any]:
+        self.calls.append(kwargs)
+        return {"ok": True}
+
+
+@pytest.mark.parametrize("temporary", [True, False])
+def test_run_retrain_starts_early_only_with_the_temporary_server(project, monkeypatch, temporary):
+    flow, server = FakeFlow(), FakeServer(after=1)
+    monkeypatch.setattr(rt, "retrain", flow)
+    monkeypatch.setattr(rt, "temporary_api", lambda: temporary)
+    monkeypatch.setattr(rt, "ServerStart", lambda: server)
+    monkeypatch.setattr(rt, "run_stage", lambda root, stage: [stage])
+    monkeypatch.setattr(rt, "open_mlflow_store", lambda root: None)
+    out = rt.run_retrain(overrides={"train.epochs": 3}, project_dir=str(project), task_runner="runner")
+    assert out == {"ok": True} and flow.runner == "runner"
+    (call,) = flow.calls
+    assert call["overrides"] == {"train.epochs": 3} and call["project_dir"] == str(project)
+    if temporary:
+        assert call["ran_early"] == {"ingest": ["ingest"]} and server.waited
+    else:
+        assert "ran_early" not in call and server.checks == 0
+
+
+def test_the_flow_counts_early_stages_as_run_and_still_asks_dvc(project, monkeypatch):
+    """The real flow (Prefect test harness) with DVC replaced: a stage that ran early is still a task that
+    DVC re-checks, and the summary lists it as run."""
+    import json
+
+    from prefect.testing.utilities import prefect_test_harness
+
+    asked: list[str] = []
+    monkeypatch.setattr(rt, "run_stage", lambda root, stage: asked.append(stage) or ([stage] if stage == "train"
+                                                                                      else []))
+    monkeypatch.setattr(rt, "register_gate_promote", lambda root, allow_promotion: {"promoted": False})
+    monkeypatch.setattr(rt, "_publish", lambda root, summary: None)
+    for rel, content in {"reports/metrics.json": {"accuracy": 1.0, "macro_f1": 1.0},
+                         "data/ingest.json": {"content_hash": "abc", "source": "x", "n_files": 1}}.items():
+        (project / rel).parent.mkdir(parents=True, exist_ok=True)
+        (project / rel).write_text(json.dumps(content))
+    with prefect_test_harness(server_startup_timeout=120):
+        summary = rt.retrain(project_dir=str(project), ran_early={"ingest": ["ingest"], "validate": ["validate"]})
+    assert asked == list(rt.STAGES)
+    assert summary["stages_run"] == ["ingest", "validate", "train"]
+
+
+def test_the_local_mlflow_store_is_created_early(project, monkeypatch):
+    import sqlite3
+
+    import mlflow
+
+    monkeypatch.chdir(project)
+    monkeypatch.setenv("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", "false")
+    rt.open_mlflow_store(project)
+    mlflow.set_tracking_uri(None)
+    tables = {r[0] for r in sqlite3.connect(project / "mlflow.db").execute("select name from sqlite_master")}
+    assert {"experiments", "runs"} <= tables
+    rt.open_mlflow_store(project / "nowhere")  # no params there: silently nothing (train reports it)
