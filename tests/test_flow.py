@@ -3,80 +3,28 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
 
-REPO = Path(__file__).resolve().parent.parent
-VENV_BIN = Path(sys.executable).parent
+from tests.project_helpers import VENV_BIN, copy_project, shapes_dataset, stop_group
+
 pytestmark = pytest.mark.slow
-
-
-def _tiny_dataset(root: Path) -> None:
-    """3 visually distinct classes x 15 images, 24x24: enough for a tiny model to learn something."""
-    rng = np.random.default_rng(0)
-    for k, label in enumerate(("circle", "square", "stripes")):
-        (root / label).mkdir(parents=True)
-        for i in range(15):
-            arr = rng.integers(0, 40, (24, 24), dtype=np.uint8)
-            if label == "circle":
-                yy, xx = np.mgrid[:24, :24]
-                arr[(yy - 12) ** 2 + (xx - 12) ** 2 < 40 + i] = 220
-            elif label == "square":
-                arr[6:18, 6 + i % 3:18] = 220
-            else:
-                arr[::4 + i % 2] = 220
-            Image.fromarray(arr, mode="L").save(root / label / f"{label}_{i:02d}.png")
-
-
-def _env(tmp: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_", "DVC_"))}
-    # The venv's bin is deliberately NOT on PATH: the flow must still run stages with this interpreter.
-    env["PATH"] = os.pathsep.join(p for p in env.get("PATH", "").split(os.pathsep) if Path(p) != VENV_BIN)
-    env.update(PREFECT_HOME=str(tmp / "prefect-home"), DVC_SITE_CACHE_DIR=str(tmp / "dvc-site"),
-               PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="120", MLFLOW_ALLOW_PICKLE_DESERIALIZATION="false",
-               GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t", GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@t")
-    return env
 
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory) -> tuple[Path, dict[str, str]]:
-    """A copy of the project's committed + untracked (not ignored) files, in a fresh git repo."""
+    """A copy of the project in a fresh git repo, with a local folder as its DVC remote: runs that register
+    a model push there, `reproduce` pulls from it."""
     tmp = tmp_path_factory.mktemp("e2e")
-    dest = tmp / "project"
-    listed = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=REPO, check=True,
-                            capture_output=True).stdout.decode().split("\0")
-    for rel in filter(None, listed):
-        src = REPO / rel
-        if src.is_file() and not rel.startswith(("data/", "models/", "reports/")) and rel != "dvc.lock":
-            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, dest / rel)
-    images = tmp / "images"
-    _tiny_dataset(images)
-    sys.path.insert(0, str(dest))
-    from tasks.config import write_overrides
-
-    sys.path.remove(str(dest))
-    write_overrides(dest / "params.yaml", {
+    images = shapes_dataset(tmp / "images")
+    return copy_project(tmp, {
         "ingest.source": str(images), "ingest.watch": str(images), "validate.min_images_per_class": 5,
         "train.epochs": 3, "train.batch_size": 16, "train.image_size": 24, "train.lr": 0.01,
         "promote.min_accuracy": 0.0, "promote.min_macro_f1": 0.0,
-    })
-    env = _env(tmp)
-    env["PYTHONPATH"] = str(dest)  # the CLI imports the copy's code, not the installed checkout's
-    subprocess.run(["git", "init", "-q"], cwd=dest, check=True, env=env)
-    # A local folder as the DVC remote: runs that register a model push there, `reproduce` pulls from it.
-    subprocess.run([sys.executable, "-m", "dvc", "remote", "add", "-d", "local", str(tmp / "dvc-remote")],
-                   cwd=dest, check=True, env=env, capture_output=True)
-    for cmd in (["git", "add", "-A"], ["git", "commit", "-qm", "copy"]):
-        subprocess.run(cmd, cwd=dest, check=True, env=env)
-    return dest, env
+    }, remote=tmp / "dvc-remote")
 
 
 def imgclf(project: tuple[Path, dict[str, str]], *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
@@ -164,7 +112,7 @@ def test_predict_uses_the_champion_without_unpickling(project, tmp_path):
     assert lines[0].startswith("path,label,probability") and len(lines) == 16
     bad = tmp_path / "notes.png"
     bad.write_text("not an image")
-    res = imgclf(project, "predict", "data/raw/circle/circle_00.png", str(bad), "--out", str(out))
+    res = imgclf(project, "predict", "data/raw/circle/circle_000.png", str(bad), "--out", str(out))
     assert res.returncode == 1 and "1 predicted, 1 unreadable" in res.stdout
     import pandas as pd
 
@@ -212,7 +160,6 @@ def test_failed_data_contract_stops_before_training(project):
 
 def test_a_deployment_on_a_real_prefect_server_runs_and_registers(project, tmp_path):
     """`prefect server start` + `imgclf schedule` (flow.serve) + a run triggered through the API."""
-    import signal
     import socket
     import time
     import urllib.request
@@ -261,14 +208,7 @@ def test_a_deployment_on_a_real_prefect_server_runs_and_registers(project, tmp_p
         assert "Completed" in run.stdout + run.stderr
     finally:
         for p in procs:
-            try:
-                os.killpg(p.pid, signal.SIGTERM)
-                p.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(p.pid, signal.SIGKILL)
-                p.wait(timeout=30)
-            except ProcessLookupError:
-                pass
+            stop_group(p, wait=30)
     assert all(p.poll() is not None for p in procs)
     versions = _versions(root)
     assert len(versions) == 4 and versions[3]["tags"]["gate"] == "passed"
