@@ -837,6 +837,7 @@ class ProgressReporter:
 def main() -> None:
     """DVC stage entry point: train, then record everything in one MLflow run."""
     import json
+    from concurrent.futures import Future, ThreadPoolExecutor
 
     import mlflow
     from rich.console import Console
@@ -860,15 +861,28 @@ def main() -> None:
     tracking.configure(params.register_.tracking_uri, params.register_.experiment)
 
     reporter = ProgressReporter(console, cfg.epochs)
-    tracking_seconds = 0.0  # time the training loop spends in MLflow: one batched, asynchronous call per epoch
+    # One batched log_metrics call per epoch, written by a background thread while training goes on (MLflow's
+    # own synchronous=False queue polls once a second, so draining it would cost up to 1 s per flush).
+    writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlflow-metrics")
+    writes: list[Future] = []
+    tracking_seconds = 0.0  # time the run waits for MLflow: queuing each epoch's row + draining at the end
 
     def report(row: dict[str, float]) -> None:
         nonlocal tracking_seconds
         started = time.perf_counter()
-        mlflow.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=int(row["epoch"]),
-                           synchronous=False)  # queued; a background thread writes it while training goes on
+        writes.append(writer.submit(mlflow.log_metrics, {k: v for k, v in row.items() if k != "epoch"},
+                                    step=int(row["epoch"]), run_id=run.info.run_id))
         tracking_seconds += time.perf_counter() - started
         reporter.on_epoch(row)
+
+    def drain() -> None:
+        """Wait for every epoch's metrics to be in the store; a failed write fails the run."""
+        nonlocal tracking_seconds
+        started = time.perf_counter()
+        writer.shutdown(wait=True)
+        for done in writes:
+            done.result()
+        tracking_seconds += time.perf_counter() - started
 
     with mlflow.start_run(run_name=f"train-{cfg.model}") as run:
         mlflow.log_params(tracking.flatten(params.to_dict()))
@@ -880,11 +894,11 @@ def main() -> None:
                 result = train(cfg, raw_dir=RAW_DIR, splits_dir=SPLITS_DIR, dataset_mode=mode, out_dir=OUT_DIR,
                                on_epoch=report, on_batch=reporter.on_batch, checkpoint_root=CHECKPOINT_ROOT)
         except TrainingError as exc:
-            mlflow.flush_async_logging()
+            drain()
             mlflow.set_tag("imgclf.failed", str(exc))
             console.print(f"[red]training failed:[/] {exc}")
             raise SystemExit(1) from None
-        mlflow.flush_async_logging()  # every epoch's metrics are in the store before the run goes on
+        drain()
         write_resolved(params, OUT_DIR / "params.yaml")
         plot_curves(result.history, OUT_DIR / "curves.png")
         mlflow.log_metrics({"best_val_accuracy": result.best_val_accuracy, "train_seconds": result.seconds,
