@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import atexit
-import gc
 import json
 import os
 import subprocess
@@ -21,9 +19,6 @@ from tasks.config import ParamsError, load_params, parse_overrides, project_root
 app = typer.Typer(help="imgclf: image classification pipeline (Prefect + DVC + Great Expectations + torch + MLflow).",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_show_locals=False)
 console = Console()
-# At exit, skip collecting every object torch, Prefect, DVC and MLflow allocated, one by one (1-3 s per command);
-# atexit handlers (Prefect's server stop among them, registered later) still run first.
-atexit.register(gc.freeze)
 
 
 def _params(root: Path):

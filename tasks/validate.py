@@ -451,6 +451,3 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
-    import gc
-
-    gc.freeze()  # exiting: skip collecting every imported object one by one (Great Expectations, pandas)
