@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -93,3 +94,11 @@ def stop_group(proc: subprocess.Popen, sig: int = signal.SIGTERM, wait: float = 
         except ProcessLookupError:
             pass
         proc.wait(timeout=wait)
+
+
+def mlflow_query(root: Path, code: str) -> object:
+    """Run `code` in a fresh interpreter against the copy's MLflow store (with `json`, `mlflow` and a client `c`
+    in scope); it prints one JSON value, returned decoded."""
+    prelude = "import json, mlflow; mlflow.set_tracking_uri('sqlite:///mlflow.db'); c = mlflow.MlflowClient();"
+    out = subprocess.run([sys.executable, "-c", prelude + code], cwd=root, capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])

@@ -214,27 +214,16 @@ def test_download_checks_the_sha256(tmp_path):
     assert not (tmp_path / "b.zip").exists()
 
 
-def test_interrupted_download_keeps_nothing(tmp_path):
+@pytest.mark.parametrize("response, max_bytes, error", [
+    (dict(fail_after=2000), 10**6, "download failed.*peer went away"),  # connection dropped mid-body
+    (dict(length=9000), 10**6, "interrupted"),  # fewer bytes than Content-Length promised
+    ({}, 3000, "max_total_bytes"),  # over the byte cap: aborted while streaming
+])
+def test_a_failed_download_is_named_and_keeps_nothing(tmp_path, response, max_bytes, error):
     data = b"x" * 5000
-    with pytest.raises(ArchiveError, match="download failed.*peer went away"):
+    with pytest.raises(ArchiveError, match=error):
         download("https://example.invalid/a.zip", tmp_path / "a.zip", sha256=hashlib.sha256(data).hexdigest(),
-                 max_bytes=10**6, fetch=lambda url: _Response(data, fail_after=2000))
-    assert not (tmp_path / "a.zip").exists()
-
-
-def test_short_download_is_detected_by_content_length(tmp_path):
-    data = b"x" * 5000
-    with pytest.raises(ArchiveError, match="interrupted"):
-        download("https://example.invalid/a.zip", tmp_path / "a.zip", sha256=hashlib.sha256(data).hexdigest(),
-                 max_bytes=10**6, fetch=lambda url: _Response(data, length=9000))
-    assert not (tmp_path / "a.zip").exists()
-
-
-def test_download_over_the_byte_cap_is_aborted(tmp_path):
-    data = b"x" * 5000
-    with pytest.raises(ArchiveError, match="max_total_bytes"):
-        download("https://example.invalid/a.zip", tmp_path / "a.zip", sha256=hashlib.sha256(data).hexdigest(),
-                 max_bytes=3000, fetch=lambda url: _Response(data))
+                 max_bytes=max_bytes, fetch=lambda url: _Response(data, **response))
     assert not (tmp_path / "a.zip").exists()
 
 

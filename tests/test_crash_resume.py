@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.project_helpers import VENV_BIN, copy_project, shapes_dataset, stop_group
+from tests.project_helpers import VENV_BIN, copy_project, mlflow_query, shapes_dataset, stop_group
 
 pytestmark = pytest.mark.slow
 METRICS = ("accuracy", "macro_f1", "weighted_f1", "roc_auc_ovr", "ece_before", "temperature", "n_test")
@@ -32,15 +32,8 @@ def project(tmp_path_factory) -> tuple[Path, dict[str, str]]:
     })
 
 
-def _mlflow(root: Path, code: str) -> object:
-    """Run a snippet against the copy's MLflow store; it prints one JSON value."""
-    prelude = "import json, mlflow; mlflow.set_tracking_uri('sqlite:///mlflow.db'); c = mlflow.MlflowClient();"
-    out = subprocess.run([sys.executable, "-c", prelude + code], cwd=root, capture_output=True, text=True, check=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
-
 def _train_runs(root: Path) -> list[dict]:
-    return _mlflow(root, (
+    return mlflow_query(root, (
         "e = c.get_experiment_by_name('imgclf');"
         "rs = c.search_runs([e.experiment_id], \"tags.`imgclf.stage` = 'train'\", order_by=['attributes.start_time'])"
         " if e else [];"
@@ -71,7 +64,7 @@ def test_a_run_killed_mid_training_resumes_and_ends_like_an_uninterrupted_run(pr
     finally:
         stop_group(proc, signal.SIGKILL)  # a crash: no cleanup handler runs
     assert not (root / "models" / "candidate" / "model.safetensors").exists()
-    assert _mlflow(root, "print(json.dumps(len(c.search_registered_models())))") == 0  # nothing registered
+    assert mlflow_query(root, "print(json.dumps(len(c.search_registered_models())))") == 0  # nothing registered
 
     resumed = subprocess.run([str(VENV_BIN / "imgclf"), "run"], cwd=root, env=env, capture_output=True,
                              text=True, timeout=600)
@@ -113,7 +106,7 @@ def test_torchrun_trains_the_stage_with_two_gloo_processes(project):
     assert runs[-1]["status"] == "FINISHED" and runs[-1]["tags"]["world_size"] == "2"
     metrics = runs[-1]["metrics"]
     assert metrics["epochs_run"] == 12 and 0 < metrics["tracking_seconds"] < metrics["train_seconds"]
-    steps = _mlflow(root, f"print(json.dumps([m.step for m in c.get_metric_history('{runs[-1]['id']}', 'val/accuracy')]))")
+    steps = mlflow_query(root, f"print(json.dumps([m.step for m in c.get_metric_history('{runs[-1]['id']}', 'val/accuracy')]))")
     assert sorted(steps) == list(range(1, 13))  # every epoch's (asynchronously logged) row reached the store
     assert metrics["tracking_fraction"] == pytest.approx(metrics["tracking_seconds"] / metrics["train_seconds"])
     meta = json.loads((root / "models" / "candidate" / "model.json").read_text())

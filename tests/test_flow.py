@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.project_helpers import VENV_BIN, copy_project, shapes_dataset, stop_group
+from tests.project_helpers import VENV_BIN, copy_project, mlflow_query, shapes_dataset, stop_group
 
 pytestmark = pytest.mark.slow
 
@@ -34,16 +34,13 @@ def imgclf(project: tuple[Path, dict[str, str]], *args: str, timeout: int = 600)
 
 
 def _versions(root: Path) -> list[dict]:
-    code = (
-        "import json, mlflow; mlflow.set_tracking_uri('sqlite:///mlflow.db'); c = mlflow.MlflowClient();"
+    versions = mlflow_query(root, (
         "vs = c.search_model_versions(\"name='imgclf'\");"
         "ch = c.get_model_version_by_alias('imgclf', 'champion').version;"
         "al = lambda a: str(c.get_model_version_by_alias('imgclf', a).version);"
         "print(json.dumps([{'version': str(v.version), 'champion': str(v.version) == str(ch),"
-        " 'challenger': str(v.version) == al('challenger'), 'tags': v.tags} for v in vs]))"
-    )
-    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True)
-    return sorted(json.loads(out.stdout.strip().splitlines()[-1]), key=lambda v: int(v["version"]))
+        " 'challenger': str(v.version) == al('challenger'), 'tags': v.tags} for v in vs]))"))
+    return sorted(versions, key=lambda v: int(v["version"]))
 
 
 def test_first_run_trains_registers_and_crowns_a_champion(project):

@@ -11,7 +11,7 @@ from tasks.preprocess import Preprocess
 from tasks.train import (TrainingError, class_weights, find_batch_size, fit, load_checkpoint,
                          random_erase, resolve_batch_size, run_key, trivial_augment)
 
-from train_helpers import blobs, train_config  # tests/train_helpers.py
+from train_helpers import alternate_splits, blobs, train_config  # tests/train_helpers.py
 
 SPEC = Preprocess.for_mode("L", 16)
 _cfg = train_config
@@ -225,16 +225,10 @@ def test_lr_find_sweeps_upward_stops_on_divergence_and_suggests_an_lr_inside_the
 
 
 def test_train_stage_core_resumes_after_a_kill_and_cleans_up_its_checkpoint(tmp_path: Path, image_folder: Path):
-    import pandas as pd
-
     from tasks.models import load_model
     from tasks.train import train
 
-    rows = [(f"{p.parent.name}/{p.name}", p.parent.name) for p in sorted(image_folder.rglob("*.png"))]
-    splits = tmp_path / "splits"
-    splits.mkdir()
-    pd.DataFrame(rows[0::2], columns=["path", "label"]).to_csv(splits / "train.csv", index=False)
-    pd.DataFrame(rows[1::2], columns=["path", "label"]).to_csv(splits / "val.csv", index=False)
+    splits = alternate_splits(image_folder, tmp_path / "splits")
     cfg = _cfg(epochs=3, batch_size=8)
     root = tmp_path / "checkpoints"
     kw = dict(raw_dir=image_folder, splits_dir=splits, dataset_mode="L", checkpoint_root=root)
@@ -259,15 +253,9 @@ def test_train_stage_core_resumes_after_a_kill_and_cleans_up_its_checkpoint(tmp_
 def test_train_stage_core_saves_the_resolved_presets_in_model_json(tmp_path: Path, image_folder: Path):
     import json
 
-    import pandas as pd
-
     from tasks.train import presets, train
 
-    rows = [(f"{p.parent.name}/{p.name}", p.parent.name) for p in sorted(image_folder.rglob("*.png"))]
-    splits = tmp_path / "splits"
-    splits.mkdir()
-    pd.DataFrame(rows[0::2], columns=["path", "label"]).to_csv(splits / "train.csv", index=False)
-    pd.DataFrame(rows[1::2], columns=["path", "label"]).to_csv(splits / "val.csv", index=False)
+    splits = alternate_splits(image_folder, tmp_path / "splits")
     cfg = _cfg(epochs=1, batch_size=8, random_resized_crop=True, rrc_scale=(0.3, 1.0), auto_augment="randaugment")
     train(cfg, raw_dir=image_folder, splits_dir=splits, dataset_mode="L", out_dir=tmp_path / "m")
     meta = json.loads((tmp_path / "m" / "model.json").read_text())

@@ -10,7 +10,7 @@ from tasks.models import build_model
 from tasks.preprocess import Preprocess
 from tasks.train import BATCH_FIELDS, ProgressReporter, fit, per_image, presets, sample_ops
 
-from train_helpers import blobs, train_config  # tests/train_helpers.py
+from train_helpers import alternate_splits, blobs, train_config  # tests/train_helpers.py
 
 SPEC = Preprocess.for_mode("L", 16)
 _cfg = functools.partial(train_config, epochs=2)
@@ -120,17 +120,6 @@ def test_randaugment_option_runs_per_image_on_uint8(mode):
     assert not torch.equal(out, x)
 
 
-def _splits(tmp_path, image_folder):
-    import pandas as pd
-
-    rows = [(f"{p.parent.name}/{p.name}", p.parent.name) for p in sorted(image_folder.rglob("*.png"))]
-    splits = tmp_path / "splits"
-    splits.mkdir()
-    pd.DataFrame(rows[0::2], columns=["path", "label"]).to_csv(splits / "train.csv", index=False)
-    pd.DataFrame(rows[1::2], columns=["path", "label"]).to_csv(splits / "val.csv", index=False)
-    return splits
-
-
 def test_in_memory_auto_caches_under_the_cap_and_streams_over_it():
     from tasks.train import use_cache
 
@@ -142,7 +131,7 @@ def test_in_memory_auto_caches_under_the_cap_and_streams_over_it():
 def test_streaming_and_in_memory_paths_give_the_same_batches_and_the_same_training(tmp_path, image_folder):
     from tasks.train import DecodedFiles, iter_batches, prepare
 
-    splits = _splits(tmp_path, image_folder)
+    splits = alternate_splits(image_folder, tmp_path / "splits")
     kw = dict(raw_dir=image_folder, splits_dir=splits, dataset_mode="L")
     cached = prepare(_cfg(in_memory=True), **kw)
     streamed = prepare(_cfg(in_memory=False), **kw)
@@ -172,7 +161,7 @@ def test_a_run_with_in_memory_false_trains_and_saves(tmp_path, image_folder):
     from tasks.models import load_model
     from tasks.train import train
 
-    splits = _splits(tmp_path, image_folder)
+    splits = alternate_splits(image_folder, tmp_path / "splits")
     result = train(_cfg(batch_size=8, in_memory=False, num_workers=0), raw_dir=image_folder, splits_dir=splits,
                    dataset_mode="L", out_dir=tmp_path / "m")
     assert len(result.history) == 2 and all(math.isfinite(r["train/loss"]) for r in result.history)

@@ -1,4 +1,6 @@
-"""Shared by the training tests: a small TrainConfig and a separable two-class uint8 dataset."""
+"""Shared by the training tests: a small TrainConfig, a separable two-class uint8 dataset, split CSVs."""
+
+from pathlib import Path
 
 import torch
 
@@ -20,3 +22,14 @@ def blobs(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     x[y == 0, :, :8] += 150
     x[y == 1, :, 8:] += 150
     return x, y
+
+
+def alternate_splits(image_folder: Path, splits: Path) -> Path:
+    """train.csv / val.csv over an image folder's files, alternating, in the split stage's format."""
+    import pandas as pd
+
+    rows = [(f"{p.parent.name}/{p.name}", p.parent.name) for p in sorted(image_folder.rglob("*.png"))]
+    splits.mkdir()
+    pd.DataFrame(rows[0::2], columns=["path", "label"]).to_csv(splits / "train.csv", index=False)
+    pd.DataFrame(rows[1::2], columns=["path", "label"]).to_csv(splits / "val.csv", index=False)
+    return splits
