@@ -95,13 +95,18 @@ def tempdir(name: str) -> Path:
     return Path(tempfile.mkdtemp(prefix=f"imgclf-bench-{name}-"))
 
 
-def trained_project(name: str, *, n_images: int, epochs: int) -> tuple[Path, Path, Path, dict[str, str], float]:
-    """(tmp, dataset, project, env, seconds of that run) after one real `imgclf run` on a generated dataset
-    (gate floors off)."""
+def dataset_project(name: str, *, n_images: int, epochs: int) -> tuple[Path, Path, Path, dict[str, str]]:
+    """(tmp, dataset, project, env): a generated dataset and a project copy that trains on it for `epochs`
+    (gate floors off, so a short run still completes)."""
     tmp = tempdir(name)
     data = make_dataset(tmp / "images", n_images=n_images)
     project = project_copy(tmp, {"ingest.source": str(data), "ingest.watch": str(data), "train.epochs": epochs,
                                  "promote.min_accuracy": 0.0, "promote.min_macro_f1": 0.0})
-    e = env(tmp)
+    return tmp, data, project, env(tmp)
+
+
+def trained_project(name: str, *, n_images: int, epochs: int) -> tuple[Path, Path, Path, dict[str, str], float]:
+    """dataset_project(...) plus the seconds of one real `imgclf run` on it."""
+    tmp, data, project, e = dataset_project(name, n_images=n_images, epochs=epochs)
     first = timed([str(BIN / "imgclf"), "run"], project, e)
     return tmp, data, project, e, first

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import BIN, env, make_dataset, project_copy, tempdir, timed, write_result  # noqa: E402
+from _common import BIN, dataset_project, timed, write_result  # noqa: E402
 
 BARE = r'''
 import sys, time, numpy as np, torch, torch.nn.functional as F
@@ -51,11 +51,7 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=5000)
     ap.add_argument("--epochs", type=int, default=3)
     args = ap.parse_args()
-    tmp = tempdir("e2e")
-    data = make_dataset(tmp / "images", n_images=args.images)
-    project = project_copy(tmp, {"ingest.source": str(data), "ingest.watch": str(data), "train.epochs": args.epochs,
-                                 "promote.min_accuracy": 0.0, "promote.min_macro_f1": 0.0})
-    e = env(tmp)
+    tmp, data, project, e = dataset_project("e2e", n_images=args.images, epochs=args.epochs)
     (tmp / "bare.py").write_text(BARE)
     bare = timed([sys.executable, str(tmp / "bare.py"), str(data), str(args.epochs), str(project)], tmp, e)
     pipeline = timed([str(BIN / "imgclf"), "run"], project, e)

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import env, make_dataset, project_copy, tempdir, timed, write_result  # noqa: E402
+from _common import dataset_project, timed, write_result  # noqa: E402
 
 STAGES = ("ingest", "validate", "split", "train", "evaluate")
 
@@ -22,10 +22,7 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=5000)
     ap.add_argument("--epochs", type=int, default=3)
     args = ap.parse_args()
-    tmp = tempdir("stages")
-    data = make_dataset(tmp / "images", n_images=args.images)
-    project = project_copy(tmp, {"ingest.source": str(data), "ingest.watch": str(data), "train.epochs": args.epochs})
-    e = env(tmp)
+    tmp, data, project, e = dataset_project("stages", n_images=args.images, epochs=args.epochs)
     seconds = {s: round(timed([sys.executable, "-m", f"tasks.{s}"], project, e), 1) for s in STAGES}
     write_result("stage_costs", {"images": args.images, "epochs": args.epochs, "stage_s": seconds,
                                  "total_s": round(sum(seconds.values()), 1)})
