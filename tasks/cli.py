@@ -132,8 +132,9 @@ def predict(
     out: Annotated[Path, typer.Option(help="Where to write the predictions CSV.")] = Path("predictions.csv"),
 ) -> None:
     """Batch predictions from the champion (or any models:/ URI) written as CSV."""
-    import mlflow
     import pandas as pd
+
+    from tasks import tracking
 
     root = project_root()
     _, params = _client(root)
@@ -148,7 +149,7 @@ def predict(
             console.print(f"[red]{p}: no such file or folder[/]")
             raise typer.Exit(2)
     try:
-        loaded = mlflow.pyfunc.load_model(uri)
+        loaded = tracking.load_pyfunc(uri)
     except Exception as exc:
         console.print(f"[red]cannot load {uri}:[/] {exc}")
         raise typer.Exit(1) from None

@@ -183,10 +183,11 @@ def cross_split_duplicates(manifest: "pd.DataFrame", splits: dict[str, "pd.DataF
 
 def rescore(model_uri: str, paths: list[Path], *, batch_size: int = 256) -> list[str]:
     """Predicted labels of a registered model for image files (through its pyfunc, as served)."""
-    import mlflow
     import pandas as pd
 
-    model = mlflow.pyfunc.load_model(model_uri)
+    from tasks.tracking import load_pyfunc
+
+    model = load_pyfunc(model_uri)
     labels: list[str] = []
     for start in range(0, len(paths), batch_size):
         chunk = [str(p) for p in paths[start:start + batch_size]]

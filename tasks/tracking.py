@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from tasks.config import project_root
 
@@ -76,6 +77,39 @@ def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+@contextmanager
+def requirements_checked_by_version() -> Iterator[None]:
+    """Inside: MLflow checks a model's pip requirements against this environment without first mapping every
+    installed module to its distribution.
+
+    Logging or loading a pyfunc model warns when the environment does not satisfy the model's requirements.
+    Before checking, MLflow builds a module -> distribution map of everything installed
+    (importlib_metadata.packages_distributions(): ~1.3 s here, a quarter of a short train stage, and again in
+    every process that loads a model). The check itself asks importlib.metadata.version(requirement) and only
+    falls back on the map for a distribution it cannot find: with an empty map it still warns about a missing
+    or mismatched package. The map is an MLflow internal (3.17): if it moves, nothing is patched and MLflow
+    scans as before; a map already built is left alone, and the empty one is dropped on the way out."""
+    from mlflow.utils import requirements_utils as ru
+
+    if getattr(ru, "_MODULES_TO_PACKAGES", False) is not None or not hasattr(ru, "_PACKAGES_TO_MODULES"):
+        yield
+        return
+    ru._MODULES_TO_PACKAGES = {}
+    try:
+        yield
+    finally:
+        ru._MODULES_TO_PACKAGES = None
+        ru._PACKAGES_TO_MODULES = None
+
+
+def load_pyfunc(model_uri: str) -> Any:
+    """mlflow.pyfunc.load_model, with the requirement check by version (see requirements_checked_by_version)."""
+    import mlflow
+
+    with requirements_checked_by_version():
+        return mlflow.pyfunc.load_model(model_uri)
+
+
 def log_serving_model(model_dir: Path) -> str:
     """Log the candidate as a pickle-free pyfunc (models from code + safetensors); returns its model URI."""
     import warnings
@@ -83,11 +117,12 @@ def log_serving_model(model_dir: Path) -> str:
     import mlflow
 
     warnings.filterwarnings("ignore", message="Add type hints to the `predict` method")
-    info = mlflow.pyfunc.log_model(
-        name="model",
-        python_model=str(SERVING_CODE),
-        artifacts={"model_dir": str(model_dir)},
-        code_paths=[str(Path(__file__).parent)],
-        pip_requirements=list(SERVING_REQUIREMENTS),
-    )
+    with requirements_checked_by_version():
+        info = mlflow.pyfunc.log_model(
+            name="model",
+            python_model=str(SERVING_CODE),
+            artifacts={"model_dir": str(model_dir)},
+            code_paths=[str(Path(__file__).parent)],
+            pip_requirements=list(SERVING_REQUIREMENTS),
+        )
     return info.model_uri

@@ -50,6 +50,28 @@ def _logged_model(tmp_path: Path, seed: int) -> tuple[str, str]:
     return run.info.run_id, uri
 
 
+def test_model_logging_and_loading_check_requirements_without_scanning_every_distribution(tmp_path: Path, store,
+                                                                                         monkeypatch, caplog):
+    import importlib_metadata
+    from mlflow.utils import requirements_utils as ru
+
+    scans = []
+    monkeypatch.setattr(importlib_metadata, "packages_distributions", lambda: scans.append(1) or {})
+    monkeypatch.setattr(ru, "_MODULES_TO_PACKAGES", None)
+    monkeypatch.setattr(ru, "_PACKAGES_TO_MODULES", None)
+    _, uri = _logged_model(tmp_path, 1)
+    assert tracking.load_pyfunc(uri).metadata.flavors["python_function"]
+    assert scans == []  # (MLflow swallows errors inside its check, so count the scans)
+    # the empty map was only for those calls: anything else in the process still gets MLflow's own
+    assert ru._MODULES_TO_PACKAGES is None and ru._PACKAGES_TO_MODULES is None
+    # and the check still works: a requirement this environment does not satisfy is reported
+    caplog.set_level("WARNING")
+    with tracking.requirements_checked_by_version():
+        ru.warn_dependency_requirement_mismatches(["torch==0.0.1", "no-such-package-imgclf==1.0", "numpy"])
+    assert "torch (current: " in caplog.text and "required: torch==0.0.1" in caplog.text
+    assert "no-such-package-imgclf (current: uninstalled" in caplog.text and "numpy (current" not in caplog.text
+
+
 def test_registration_is_idempotent_and_champion_moves_are_recorded(tmp_path: Path, store):
     run1, uri1 = _logged_model(tmp_path, 1)
     first = registry.register(store, "m", model_uri=uri1, run_id=run1, tags={"test.accuracy": "0.9"})
