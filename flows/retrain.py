@@ -5,50 +5,20 @@ Wiring only: every decision lives in tasks/ as a pure function."""
 from __future__ import annotations
 
 import json
-import os
 import sys
-import threading
 import time
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from prefect import flow, get_run_logger, task
 
 import tasks  # noqa: F401  (telemetry off)
-from tasks.config import load_params, project_root, restore_file, source_overrides, write_overrides, write_resolved
+from flows.early import (EARLY_STAGES, RunBusy, RunFailed, _quiet_dvc, _stage_env, overridden,  # noqa: F401
+                         run_lock, run_stage)
+from tasks.config import load_params, project_root, source_overrides, write_resolved
 
 STAGES = ("ingest", "validate", "split", "train", "evaluate")
 STAGE_TIMEOUT_S = {"ingest": 3600, "validate": 3600, "split": 600, "train": 24 * 3600, "evaluate": 3600}
-# Stages `imgclf run` may run through DVC while Prefect's temporary API server starts (never train/evaluate:
-# they are long and their timeouts matter).
-EARLY_STAGES = ("ingest", "validate", "split")
-
-
-def _stage_env() -> None:
-    """Stage commands say `python`: make it this interpreter, even when the venv is not activated."""
-    bin_dir = str(Path(sys.executable).parent)
-    if os.environ.get("PATH", "").split(os.pathsep)[0] != bin_dir:
-        os.environ["PATH"] = bin_dir + os.pathsep + os.environ.get("PATH", "")
-
-
-def _quiet_dvc() -> None:
-    """DVC prints its own progress; keep it from echoing through Prefect's handlers and drop git hints."""
-    import logging
-
-    logging.getLogger("dvc").propagate = False
-    logging.getLogger("dvc.repo.scm_context").setLevel(logging.WARNING)
-
-
-def run_stage(root: str, stage: str) -> list[str]:
-    """Reproduce one DVC stage if it is stale; returns the stages that actually ran."""
-    from dvc.repo import Repo
-
-    _stage_env()
-    _quiet_dvc()
-    with Repo(root) as repo:
-        ran = repo.reproduce(stage, single_item=True)
-    return [s.addressing for s in ran]
 
 
 def run_experiment(root: str, name: str, overrides: dict[str, Any]) -> dict[str, Any]:
@@ -96,14 +66,6 @@ def run_sweep(root: Path, candidates: list[dict[str, Any]], logger) -> dict[str,
                     "  <- best" if res is best else "")
     task(apply_experiment, name="apply-best")(str(root), best["name"])
     return {"candidates": results, "best": best["name"], "metric": METRIC}
-
-
-class RunFailed(RuntimeError):
-    """The flow did its work but must end Failed (gate refused, promotion conflict); carries the summary."""
-
-    def __init__(self, message: str, summary: dict[str, Any]):
-        super().__init__(message)
-        self.summary = summary
 
 
 def _client(root: Path):
@@ -222,49 +184,8 @@ def register_gate_promote(root: str, *, allow_promotion: bool) -> dict[str, Any]
     return out
 
 
-@contextmanager
-def overridden(params_file: Path, overrides: dict[str, Any]) -> Iterator[dict[str, bool]]:
-    """params.yaml carries the overrides for this run only; the original is put back afterwards.
-
-    Unless the caller sets state["keep"]: a sweep's applied winner (`dvc exp apply`) then stays, overrides
-    included, so params.yaml keeps matching dvc.lock and the outputs."""
-    state = {"keep": False}
-    if not overrides:
-        yield state
-        return
-    original = write_overrides(params_file, overrides)
-    try:
-        yield state
-    finally:
-        if not state["keep"]:
-            restore_file(params_file, original)
-
-
 def _read(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text()) if path.exists() else {}
-
-
-class RunBusy(RuntimeError):
-    """Another run holds the project's run lock."""
-
-
-@contextmanager
-def run_lock(root: Path, wait_s: float) -> Iterator[None]:
-    """One run at a time per project: a second run waits up to wait_s, then exits with a clear message."""
-    from filelock import FileLock, Timeout
-
-    path = root / ".imgclf" / "run.lock"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(str(path))
-    try:
-        lock.acquire(timeout=wait_s)
-    except Timeout:
-        raise RunBusy(f"another imgclf run is in progress in {root} (it holds {path}); not started. "
-                      "Set schedule.wait_for_lock_s to wait instead.") from None
-    try:
-        yield
-    finally:
-        lock.release()
 
 
 def _notify_failure(flow, flow_run, state) -> None:
@@ -307,95 +228,6 @@ def temporary_api() -> bool:
     return not PREFECT_API_URL.value() and bool(PREFECT_SERVER_EPHEMERAL_ENABLED.value())
 
 
-class ServerStart:
-    """Prefect's temporary API server, started in a background thread.
-
-    It is the same process-wide instance the flow's client uses (SubprocessASGIServer is one per port), so
-    once `wait()` returns the flow finds it running. Join before any Prefect API call: while a start is in
-    progress the instance already reports itself running. A failed start is left for the flow to retry
-    (and report) as usual."""
-
-    def __init__(self) -> None:
-        from prefect.server.api.server import SubprocessASGIServer
-
-        self.error: BaseException | None = None
-        self._thread = threading.Thread(target=self._start, args=(SubprocessASGIServer(),),
-                                        name="prefect-server-start", daemon=True)
-        self._thread.start()
-
-    def _start(self, server) -> None:
-        try:
-            server.start()
-        except BaseException as exc:  # noqa: BLE001  (the flow's own start raises it again, in context)
-            self.error = exc
-
-    @property
-    def ready(self) -> bool:
-        return not self._thread.is_alive()
-
-    def wait(self) -> None:
-        self._thread.join()
-
-
-def run_early_stages(root: Path, server: ServerStart, overrides: dict[str, Any]) -> dict[str, list[str]]:
-    """While the server starts: hold the run lock, apply the overrides and run EARLY_STAGES through DVC,
-    stopping once the server is up or at the first stage that fails (the flow runs that one as a task, with
-    its retries, logs and failure hooks). Nothing runs when another run holds the lock."""
-    from contextlib import ExitStack
-
-    done: dict[str, list[str]] = {}
-    with ExitStack() as stack:
-        try:
-            stack.enter_context(run_lock(root, 0))
-        except RunBusy:
-            return done  # the flow waits for the lock (or refuses) and reports it, as without an early start
-        stack.enter_context(overridden(root / "params.yaml", overrides))
-        store = threading.Thread(target=open_mlflow_store, args=(root,), name="mlflow-store", daemon=True)
-        store.start()
-        for stage in EARLY_STAGES:
-            if server.ready:
-                break
-            try:
-                done[stage] = run_stage(str(root), stage)
-            except Exception:  # noqa: BLE001
-                break
-        store.join()
-    return done
-
-
-def open_mlflow_store(root: Path) -> None:
-    """Import mlflow and create a local store's schema and experiment now, off the critical path (train and
-    register would each wait for it). Remote stores are left alone; errors are reported by train/register."""
-    try:
-        params = load_params(root / "params.yaml")
-        uri = params.register_.tracking_uri
-        if uri.startswith(("sqlite:", "file:")) or "://" not in uri:
-            from tasks import tracking
-
-            tracking.configure(uri, params.register_.experiment, root)
-    except Exception:  # noqa: BLE001
-        pass
-
-
-def run_retrain(*, overrides: dict[str, Any] | None = None, allow_promotion: bool = True,
-                project_dir: str | None = None, sweep: list[dict[str, Any]] | None = None,
-                task_runner: Any = None) -> dict[str, Any]:
-    """`imgclf run`: the retrain flow; with Prefect's temporary API server (no PREFECT_API_URL) the server
-    starts in the background while the first stages run through DVC, hiding most of its start-up."""
-    flow_fn = retrain.with_options(task_runner=task_runner) if task_runner is not None else retrain
-    kwargs: dict[str, Any] = dict(overrides=overrides, allow_promotion=allow_promotion, project_dir=project_dir,
-                                  sweep=sweep)
-    if not temporary_api():
-        return flow_fn(**kwargs)
-    server = ServerStart()
-    try:
-        root = project_root(Path(project_dir) if project_dir else None)
-        early = run_early_stages(root, server, overrides or {})
-    finally:
-        server.wait()
-    return flow_fn(**kwargs, ran_early=early or None)
-
-
 @flow(name="retrain", log_prints=True, on_failure=[_notify_failure], on_crashed=[_notify_failure])
 def retrain(overrides: dict[str, Any] | None = None, source: str | None = None, allow_promotion: bool = True,
             project_dir: str | None = None, sweep: list[dict[str, Any]] | None = None,
@@ -404,7 +236,7 @@ def retrain(overrides: dict[str, Any] | None = None, source: str | None = None, 
 
     With `sweep` (a list of override dicts), train+evaluate run once per candidate as DVC experiments
     and the best by validation accuracy is applied to the workspace before registering. `ran_early`
-    ({stage: stages DVC ran}) is what `run_retrain` ran before the flow started; those stages are still
+    ({stage: stages DVC ran}) is what flows/early.run_retrain ran before the flow started; those stages are still
     tasks here (DVC re-checks them) and count as run."""
     logger = get_run_logger()
     root = project_root(Path(project_dir) if project_dir else None)
@@ -427,7 +259,7 @@ def retrain(overrides: dict[str, Any] | None = None, source: str | None = None, 
             early = (ran_early or {}).get(stage, [])
             did = early + [s for s in did if s not in early]
             logger.info("%s: %s", stage, ("ran" if did else "up to date")
-                        + (" (through DVC while the API server started)" if early else ""))
+                        + (" (through DVC while Prefect started)" if early else ""))
             ran += did
         if sweep:
             swept = run_sweep(root, sweep, logger)

@@ -64,19 +64,19 @@ def run(
             from tasks.sweep import parse_sweep_file
 
             candidates = parse_sweep_file(sweep, apply_overrides(read_raw(root / "params.yaml"), overrides))
-        from tasks.sweep import resolve_task_runner
+        from tasks.sweep import check_task_runner
 
-        runner = resolve_task_runner(params.schedule.task_runner, params.schedule.max_parallel)
+        check_task_runner(params.schedule.task_runner)
     except ParamsError as exc:
         console.print(f"[red]{exc}[/]")
         raise typer.Exit(2) from None
     _prefect_defaults()
-    from flows.retrain import RunBusy, RunFailed, run_retrain
+    from flows.early import RunBusy, RunFailed, run_retrain  # Prefect itself is imported while stages run
 
     console.print(f"[bold]imgclf run[/] in {root}" + (f" with overrides {overrides}" if overrides else ""))
     try:
         summary = run_retrain(overrides=overrides, allow_promotion=promote, project_dir=str(root), sweep=candidates,
-                              task_runner=runner)
+                              task_runner=params.schedule.task_runner, max_parallel=params.schedule.max_parallel)
     except RunBusy as exc:
         console.print(f"[yellow]{exc}[/]")
         raise typer.Exit(3) from None

@@ -84,6 +84,17 @@ def choose_best(results: list[dict[str, Any]], metric: str = METRIC) -> dict[str
     return best
 
 
+def check_task_runner(name: str) -> None:
+    """The errors resolve_task_runner would raise, without importing anything: checked before a run starts."""
+    import importlib.util
+
+    if name not in TASK_RUNNERS:
+        raise ParamsError(f"schedule.task_runner: unknown runner {name!r} (one of {', '.join(TASK_RUNNERS)})")
+    module, _, package = TASK_RUNNERS[name]
+    if importlib.util.find_spec(module.split(".")[0]) is None:
+        raise ParamsError(f"schedule.task_runner is {name!r} but {package} is not installed: pip install {package}")
+
+
 def resolve_task_runner(name: str, max_parallel: int | None = None):
     """A Prefect task runner instance by name, running at most max_parallel tasks at once (None: its default).
 
@@ -91,8 +102,7 @@ def resolve_task_runner(name: str, max_parallel: int | None = None):
     optional packages are imported lazily."""
     import importlib
 
-    if name not in TASK_RUNNERS:
-        raise ParamsError(f"schedule.task_runner: unknown runner {name!r} (one of {', '.join(TASK_RUNNERS)})")
+    check_task_runner(name)
     module, cls, package = TASK_RUNNERS[name]
     try:
         mod = importlib.import_module(module)

@@ -1,6 +1,6 @@
-"""`imgclf run` with Prefect's temporary API server: the server starts in the background while the first
-stages run through DVC. Fast tests with the stages, the server and the flow replaced; the real thing runs in
-tests/test_flow.py (every `imgclf run` there takes this path)."""
+"""`imgclf run`: Prefect is imported and its temporary API server starts in the background while the first
+stages run through DVC (flows/early.py). Fast tests with the stages, the server and the flow replaced; the
+real thing runs in tests/test_flow.py (every `imgclf run` there takes this path)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+import flows.early as early
 import flows.retrain as rt
 
 
@@ -16,7 +17,7 @@ class FakeServer:
     """Becomes ready after `after` readiness checks."""
 
     def __init__(self, after: int) -> None:
-        self.after, self.checks, self.waited = after, 0, False
+        self.after, self.checks, self.waited, self.temporary = after, 0, False, True
 
     @property
     def ready(self) -> bool:
@@ -39,21 +40,21 @@ def project(tmp_path: Path) -> Path:
 
 def test_early_stages_run_under_the_lock_and_overrides_until_the_server_is_up(project, monkeypatch):
     seen: list[tuple[str, str]] = []
-    monkeypatch.setattr(rt, "open_mlflow_store", lambda root: None)
+    monkeypatch.setattr(early, "open_mlflow_store", lambda root: None)
 
     def fake_stage(root: str, stage: str) -> list[str]:
-        with pytest.raises(rt.RunBusy):  # the lock is held while a stage runs early
-            with rt.run_lock(Path(root), 0):
+        with pytest.raises(early.RunBusy):  # the lock is held while a stage runs early
+            with early.run_lock(Path(root), 0):
                 pass
         seen.append((stage, (Path(root) / "params.yaml").read_text()))
         return [stage] if stage != "validate" else []
 
-    monkeypatch.setattr(rt, "run_stage", fake_stage)
-    done = rt.run_early_stages(project, FakeServer(after=2), {"train.epochs": 3})
+    monkeypatch.setattr(early, "run_stage", fake_stage)
+    done = early.run_early_stages(project, FakeServer(after=2), {"train.epochs": 3})
     assert done == {"ingest": ["ingest"], "validate": []}  # the server was up before split
     assert [s for s, _ in seen] == ["ingest", "validate"] and all("\n  epochs: 3\n" in p for _, p in seen)
     assert (project / "params.yaml").read_text() == (REPO / "params.yaml").read_text()  # put back for the flow
-    with rt.run_lock(project, 0):  # and released
+    with early.run_lock(project, 0):  # and released
         pass
 
 
@@ -63,15 +64,15 @@ def test_a_failing_early_stage_is_left_to_the_flow(project, monkeypatch):
             raise RuntimeError("contract failed")
         return [stage]
 
-    monkeypatch.setattr(rt, "run_stage", fake_stage)
-    monkeypatch.setattr(rt, "open_mlflow_store", lambda root: None)
-    assert rt.run_early_stages(project, FakeServer(after=10), {}) == {"ingest": ["ingest"]}
+    monkeypatch.setattr(early, "run_stage", fake_stage)
+    monkeypatch.setattr(early, "open_mlflow_store", lambda root: None)
+    assert early.run_early_stages(project, FakeServer(after=10), {}) == {"ingest": ["ingest"]}
 
 
 def test_nothing_runs_early_while_another_run_holds_the_lock(project, monkeypatch):
-    monkeypatch.setattr(rt, "run_stage", lambda root, stage: pytest.fail("ran a stage without the lock"))
-    with rt.run_lock(project, 0):
-        assert rt.run_early_stages(project, FakeServer(after=10), {}) == {}
+    monkeypatch.setattr(early, "run_stage", lambda root, stage: pytest.fail("ran a stage without the lock"))
+    with early.run_lock(project, 0):
+        assert early.run_early_stages(project, FakeServer(after=10), {}) == {}
 
 
 class FakeFlow:
@@ -88,22 +89,36 @@ class FakeFlow:
         return {"ok": True}
 
 
-@pytest.mark.parametrize("temporary", [True, False])
-def test_run_retrain_starts_early_only_with_the_temporary_server(project, monkeypatch, temporary):
+@pytest.mark.parametrize("api_url", [None, "http://127.0.0.1:4200/api"])
+def test_run_retrain_starts_early_unless_a_server_is_configured(project, monkeypatch, api_url):
+    import tasks.sweep
+
     flow, server = FakeFlow(), FakeServer(after=1)
+    if api_url:
+        monkeypatch.setenv("PREFECT_API_URL", api_url)
+    else:
+        monkeypatch.delenv("PREFECT_API_URL", raising=False)
     monkeypatch.setattr(rt, "retrain", flow)
-    monkeypatch.setattr(rt, "temporary_api", lambda: temporary)
-    monkeypatch.setattr(rt, "ServerStart", lambda: server)
-    monkeypatch.setattr(rt, "run_stage", lambda root, stage: [stage])
-    monkeypatch.setattr(rt, "open_mlflow_store", lambda root: None)
-    out = rt.run_retrain(overrides={"train.epochs": 3}, project_dir=str(project), task_runner="runner")
-    assert out == {"ok": True} and flow.runner == "runner"
+    monkeypatch.setattr(early, "PrefectStart", lambda: server)
+    monkeypatch.setattr(tasks.sweep, "resolve_task_runner", lambda name, n: f"{name} runner x{n}")
+    monkeypatch.setattr(early, "run_stage", lambda root, stage: [stage])
+    monkeypatch.setattr(early, "open_mlflow_store", lambda root: None)
+    out = early.run_retrain(overrides={"train.epochs": 3}, project_dir=str(project), task_runner="thread",
+                            max_parallel=2)
+    assert out == {"ok": True} and flow.runner == "thread runner x2" and server.waited
     (call,) = flow.calls
     assert call["overrides"] == {"train.epochs": 3} and call["project_dir"] == str(project)
-    if temporary:
-        assert call["ran_early"] == {"ingest": ["ingest"]} and server.waited
-    else:
+    if api_url:
         assert "ran_early" not in call and server.checks == 0
+    else:
+        assert call["ran_early"] == {"ingest": ["ingest"]}
+
+
+def test_prefect_start_imports_the_flow_in_the_background(monkeypatch):
+    monkeypatch.setattr(rt, "temporary_api", lambda: False)  # (the real server start runs in test_flow.py)
+    start = early.PrefectStart()
+    start.wait()
+    assert start.ready and start.error is None and not start.temporary
 
 
 def test_the_flow_counts_early_stages_as_run_and_still_asks_dvc(project, monkeypatch):
@@ -135,8 +150,8 @@ def test_the_local_mlflow_store_is_created_early(project, monkeypatch):
 
     monkeypatch.chdir(project)
     monkeypatch.setenv("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", "false")
-    rt.open_mlflow_store(project)
+    early.open_mlflow_store(project)
     mlflow.set_tracking_uri(None)
     tables = {r[0] for r in sqlite3.connect(project / "mlflow.db").execute("select name from sqlite_master")}
     assert {"experiments", "runs"} <= tables
-    rt.open_mlflow_store(project / "nowhere")  # no params there: silently nothing (train reports it)
+    early.open_mlflow_store(project / "nowhere")  # no params there: silently nothing (train reports it)

@@ -12,8 +12,8 @@ import yaml
 
 from tests.project_helpers import VENV_BIN, copy_project, shapes_dataset
 from tasks.config import ParamsError, Params, parse_params, read_raw
-from tasks.sweep import (choose_best, experiment_names, parse_sweep_file, resolve_task_runner, set_args,
-                         validate_sweep)
+from tasks.sweep import (check_task_runner, choose_best, experiment_names, parse_sweep_file, resolve_task_runner,
+                         set_args, validate_sweep)
 
 REPO = Path(__file__).resolve().parent.parent
 RAW = Params().to_dict()
@@ -79,11 +79,12 @@ def test_max_parallel_bounds_the_thread_pool_and_the_local_dask_cluster():
         parse_params({**RAW, "schedule": {**RAW["schedule"], "max_parallel": 0}})
 
 
+@pytest.mark.parametrize("resolve", [resolve_task_runner, check_task_runner])  # the CLI checks before starting
 @pytest.mark.parametrize("name, package", [("dask", "prefect-dask"), ("ray", "prefect-ray")])
-def test_missing_runner_package_is_a_clear_error(name, package, monkeypatch):
+def test_missing_runner_package_is_a_clear_error(name, package, resolve, monkeypatch):
     monkeypatch.setitem(sys.modules, package.replace("-", "_"), None)  # import fails even if installed
     with pytest.raises(ParamsError, match=f"pip install {package}"):
-        resolve_task_runner(name)
+        resolve(name)
 
 
 def test_relative_store_resolves_against_dvc_root(monkeypatch, tmp_path):
@@ -100,9 +101,10 @@ def test_relative_store_resolves_against_dvc_root(monkeypatch, tmp_path):
     assert resolve_tracking_uri("sqlite:///mlflow.db") == f"sqlite:///{REPO}/mlflow.db"
 
 
-def test_unknown_runner_is_an_error():
+@pytest.mark.parametrize("resolve", [resolve_task_runner, check_task_runner])
+def test_unknown_runner_is_an_error(resolve):
     with pytest.raises(ParamsError, match="unknown runner"):
-        resolve_task_runner("spark")
+        resolve("spark")
 
 
 # ---- end to end ----

@@ -1,0 +1,195 @@
+"""What `imgclf run` does before the flow starts, without importing Prefect: hold the run lock, apply the
+run's overrides, and run the first stages through DVC while Prefect is imported and its temporary API server
+starts in the background. Also the pieces the flow shares with it (run lock, overrides, one DVC stage).
+
+Wiring only: every decision lives in tasks/ as a pure function."""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+import tasks  # noqa: F401  (telemetry off)
+from tasks.config import load_params, project_root, restore_file, write_overrides
+
+# Stages `imgclf run` may run through DVC while Prefect starts (never train/evaluate:
+# they are long and their timeouts matter).
+EARLY_STAGES = ("ingest", "validate", "split")
+
+
+def _stage_env() -> None:
+    """Stage commands say `python`: make it this interpreter, even when the venv is not activated."""
+    bin_dir = str(Path(sys.executable).parent)
+    if os.environ.get("PATH", "").split(os.pathsep)[0] != bin_dir:
+        os.environ["PATH"] = bin_dir + os.pathsep + os.environ.get("PATH", "")
+
+
+def _quiet_dvc() -> None:
+    """DVC prints its own progress; keep it from echoing through Prefect's handlers and drop git hints."""
+    import logging
+
+    logging.getLogger("dvc").propagate = False
+    logging.getLogger("dvc.repo.scm_context").setLevel(logging.WARNING)
+
+
+def run_stage(root: str, stage: str) -> list[str]:
+    """Reproduce one DVC stage if it is stale; returns the stages that actually ran."""
+    from dvc.repo import Repo
+
+    _stage_env()
+    _quiet_dvc()
+    with Repo(root) as repo:
+        ran = repo.reproduce(stage, single_item=True)
+    return [s.addressing for s in ran]
+
+
+@contextmanager
+def overridden(params_file: Path, overrides: dict[str, Any]) -> Iterator[dict[str, bool]]:
+    """params.yaml carries the overrides for this run only; the original is put back afterwards.
+
+    Unless the caller sets state["keep"]: a sweep's applied winner (`dvc exp apply`) then stays, overrides
+    included, so params.yaml keeps matching dvc.lock and the outputs."""
+    state = {"keep": False}
+    if not overrides:
+        yield state
+        return
+    original = write_overrides(params_file, overrides)
+    try:
+        yield state
+    finally:
+        if not state["keep"]:
+            restore_file(params_file, original)
+
+
+class RunBusy(RuntimeError):
+    """Another run holds the project's run lock."""
+
+
+@contextmanager
+def run_lock(root: Path, wait_s: float) -> Iterator[None]:
+    """One run at a time per project: a second run waits up to wait_s, then exits with a clear message."""
+    from filelock import FileLock, Timeout
+
+    path = root / ".imgclf" / "run.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(path))
+    try:
+        lock.acquire(timeout=wait_s)
+    except Timeout:
+        raise RunBusy(f"another imgclf run is in progress in {root} (it holds {path}); not started. "
+                      "Set schedule.wait_for_lock_s to wait instead.") from None
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+class RunFailed(RuntimeError):
+    """The flow did its work but must end Failed (gate refused, promotion conflict); carries the summary."""
+
+    def __init__(self, message: str, summary: dict[str, Any]):
+        super().__init__(message)
+        self.summary = summary
+
+
+class PrefectStart:
+    """Prefect and the flow, imported in a background thread (~2 s of imports), and, when the flow will use
+    Prefect's temporary API server (no PREFECT_API_URL), that server started there too (seconds more).
+
+    The server is the same process-wide instance the flow's client uses (SubprocessASGIServer is one per
+    port), so once `wait()` returns the flow finds it running. Join before any Prefect API call: while a start
+    is in progress the instance already reports itself running. A failed import or start is left for the
+    flow to raise (and report) again, in context."""
+
+    def __init__(self) -> None:
+        self.error: BaseException | None = None
+        self.temporary = False
+        self._thread = threading.Thread(target=self._start, name="prefect-start", daemon=True)
+        self._thread.start()
+
+    def _start(self) -> None:
+        try:
+            from flows.retrain import temporary_api
+
+            if temporary_api():
+                from prefect.server.api.server import SubprocessASGIServer
+
+                self.temporary = True
+                SubprocessASGIServer().start()
+        except BaseException as exc:  # noqa: BLE001
+            self.error = exc
+
+    @property
+    def ready(self) -> bool:
+        return not self._thread.is_alive()
+
+    def wait(self) -> None:
+        self._thread.join()
+
+
+def run_early_stages(root: Path, server: "PrefectStart", overrides: dict[str, Any]) -> dict[str, list[str]]:
+    """While the server starts: hold the run lock, apply the overrides and run EARLY_STAGES through DVC,
+    stopping once the server is up or at the first stage that fails (the flow runs that one as a task, with
+    its retries, logs and failure hooks). Nothing runs when another run holds the lock."""
+    from contextlib import ExitStack
+
+    done: dict[str, list[str]] = {}
+    with ExitStack() as stack:
+        try:
+            stack.enter_context(run_lock(root, 0))
+        except RunBusy:
+            return done  # the flow waits for the lock (or refuses) and reports it, as without an early start
+        stack.enter_context(overridden(root / "params.yaml", overrides))
+        store = threading.Thread(target=open_mlflow_store, args=(root,), name="mlflow-store", daemon=True)
+        store.start()
+        for stage in EARLY_STAGES:
+            if server.ready:
+                break
+            try:
+                done[stage] = run_stage(str(root), stage)
+            except Exception:  # noqa: BLE001
+                break
+        store.join()
+    return done
+
+
+def open_mlflow_store(root: Path) -> None:
+    """Import mlflow and create a local store's schema and experiment now, off the critical path (train and
+    register would each wait for it). Remote stores are left alone; errors are reported by train/register."""
+    try:
+        params = load_params(root / "params.yaml")
+        uri = params.register_.tracking_uri
+        if uri.startswith(("sqlite:", "file:")) or "://" not in uri:
+            from tasks import tracking
+
+            tracking.configure(uri, params.register_.experiment, root)
+    except Exception:  # noqa: BLE001
+        pass
+
+
+def run_retrain(*, overrides: dict[str, Any] | None = None, allow_promotion: bool = True,
+                project_dir: str | None = None, sweep: list[dict[str, Any]] | None = None,
+                task_runner: str = "thread", max_parallel: int | None = None) -> dict[str, Any]:
+    """`imgclf run`: the retrain flow, with Prefect's imports and its temporary server's start hidden behind
+    the first stages (they run through DVC meanwhile; the flow still runs each as a task, DVC re-checks it).
+
+    With PREFECT_API_URL in the environment (a real server), nothing runs early: the flow runs every stage."""
+    root = project_root(Path(project_dir) if project_dir else None)
+    prefect = PrefectStart()
+    early: dict[str, list[str]] = {}
+    try:
+        if not os.environ.get("PREFECT_API_URL"):
+            early = run_early_stages(root, prefect, overrides or {})
+    finally:
+        prefect.wait()
+    from flows.retrain import retrain
+    from tasks.sweep import resolve_task_runner
+
+    flow_fn = retrain.with_options(task_runner=resolve_task_runner(task_runner, max_parallel))
+    kwargs: dict[str, Any] = dict(overrides=overrides, allow_promotion=allow_promotion, project_dir=project_dir,
+                                  sweep=sweep)
+    return flow_fn(**kwargs, **({"ran_early": early} if early else {}))
