@@ -554,30 +554,6 @@ def log_to_mlflow(run_id: str, metrics: dict[str, Any], out: Outputs) -> None:
         mlflow.log_artifacts(str(out.onnx_dir), "onnx")
 
 
-class Background:
-    """fn(*args) in a daemon thread; result() joins and returns its value or raises its exception."""
-
-    def __init__(self, fn: Callable[..., Any], *args: Any) -> None:
-        import threading
-
-        self._value: Any = None
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, args=(fn, args), daemon=True)
-        self._thread.start()
-
-    def _run(self, fn: Callable[..., Any], args: tuple) -> None:
-        try:
-            self._value = fn(*args)
-        except BaseException as exc:  # noqa: BLE001  (re-raised in the caller's thread by result())
-            self._error = exc
-
-    def result(self) -> Any:
-        self._thread.join()
-        if self._error is not None:
-            raise self._error
-        return self._value
-
-
 def main() -> None:
     """DVC stage entry point: evaluate, write the reports, then log into the training run in MLflow."""
     import time
@@ -594,7 +570,7 @@ def main() -> None:
     run_info = json.loads((MODEL_DIR / "mlflow.json").read_text())
     out = Outputs()
     # Importing mlflow and opening its store takes seconds: done in a thread while the model is scored.
-    mlflow_ready = Background(tracking.configure, params.register_.tracking_uri, params.register_.experiment)
+    mlflow_ready = tracking.Background(tracking.configure, params.register_.tracking_uri, params.register_.experiment)
     metrics = run(config_from_params(params), model_dir=MODEL_DIR, splits_dir=SPLITS_DIR, raw_dir=RAW_DIR,
                   manifest_path=MANIFEST, out=out, train_cfg=train_config(params),
                   title=f"{params.register_.model_name} candidate, MLflow run {run_info['run_id']}",

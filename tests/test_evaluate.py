@@ -293,11 +293,3 @@ def test_compute_metrics_and_confusion_match_torchmetrics(seed):
     assert m["roc_auc_ovr"] == pytest.approx(sum(auroc[: k - 1].tolist()) / (k - 1), abs=1e-5)
     pred = probs.argmax(1)
     assert torch.equal(confusion_matrix(pred, targets, k), multiclass_confusion_matrix(pred, targets, num_classes=k))
-
-
-def test_background_returns_the_value_or_raises_in_the_caller():
-    from tasks.evaluate import Background
-
-    assert Background(lambda a, b: a + b, 2, 3).result() == 5
-    with pytest.raises(ValueError, match="boom"):
-        Background(lambda: (_ for _ in ()).throw(ValueError("boom"))).result()

@@ -28,6 +28,12 @@ def test_tracking_uri_is_made_absolute_against_the_project(tmp_path: Path):
     assert tracking.flatten({"a": {"b": 1, "c": {"d": 2}}}) == {"a.b": 1, "a.c.d": 2}
 
 
+def test_background_returns_the_value_or_raises_in_the_caller():
+    assert tracking.Background(lambda a, b: a + b, 2, 3).result() == 5
+    with pytest.raises(ValueError, match="boom"):
+        tracking.Background(lambda: (_ for _ in ()).throw(ValueError("boom"))).result()
+
+
 @pytest.fixture()
 def store(tmp_path: Path, monkeypatch):
     import mlflow
