@@ -80,36 +80,63 @@ def plot_reliability(before: list[dict[str, Any]], after: list[dict[str, Any]] |
     save_figure(fig, dest)
 
 
-def _as_display(image: "np.ndarray") -> tuple["np.ndarray", str | None]:
-    """C x H x W uint8 -> an array imshow understands, and the colormap to use."""
-    if image.shape[0] == 1:
-        return image[0], "gray"
-    return image.transpose(1, 2, 0), None
+def gallery_mosaic(images: "np.ndarray", overlays: "np.ndarray | None", *, columns: int, aspect: float
+                   ) -> tuple["np.ndarray", list[tuple[float, float]]]:
+    """N x C x H x W uint8 images (overlays N x H x W in [0, 1], drawn as a jet heat map at 45%) -> one RGB
+    float mosaic on white, `columns` wide, each cell `aspect` times as tall as wide with a band for its title
+    above the image; and the (x, y) where each title's baseline is centred, in mosaic pixels."""
+    import math
+
+    import numpy as np
+
+    n, channels, h, w = images.shape
+    cols = min(columns, n)
+    rows = math.ceil(n / cols)
+    pad = max(1, round(0.05 * w))
+    cell_w = w + 2 * pad
+    cell_h = max(h + 2 * pad, round(cell_w * aspect))
+    band = cell_h - h - pad  # title space above each image
+    mosaic = np.ones((rows * cell_h, cols * cell_w, 3), dtype=np.float32)
+    rgb = images.astype(np.float32) / 255.0
+    rgb = np.repeat(rgb, 3, axis=1) if channels == 1 else rgb[:, :3]
+    rgb = rgb.transpose(0, 2, 3, 1)
+    if overlays is not None:
+        from matplotlib import colormaps
+
+        heat = colormaps["jet"](np.clip(overlays, 0, 1))[..., :3].astype(np.float32)
+        rgb = 0.55 * rgb + 0.45 * heat
+    anchors = []
+    for i in range(n):
+        r, c = divmod(i, cols)
+        y, x = r * cell_h + band, c * cell_w + pad
+        mosaic[y:y + h, x:x + w] = rgb[i]
+        anchors.append((c * cell_w + cell_w / 2, y - 0.5))
+    return mosaic, anchors
 
 
 def plot_gallery(images: "np.ndarray", titles: Sequence[str], dest: Path, *, suptitle: str,
                  overlays: "np.ndarray | None" = None, columns: int = 6) -> None:
-    """A labelled grid of images (N x C x H x W uint8); overlays (N x H x W in [0, 1]) are drawn as heat maps."""
+    """A labelled grid of images (N x C x H x W uint8); overlays (N x H x W in [0, 1]) are drawn as heat maps.
+
+    Drawn as one image with the titles over it (one axes, not one per image: ~10x faster to render)."""
     import math
 
     plt = _pyplot()
-    n = max(len(images), 1)
-    cols = min(columns, n)
-    rows = math.ceil(n / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(2.3 * cols, 2.6 * rows + 0.5), squeeze=False)
-    for ax in axes.flat:
-        ax.axis("off")
-    for i, (image, title) in enumerate(zip(images, titles)):
-        ax = axes.flat[i]
-        shown, cmap = _as_display(image)
-        ax.imshow(shown, cmap=cmap, vmin=0, vmax=255, interpolation="nearest")
-        if overlays is not None:
-            ax.imshow(overlays[i], cmap="jet", alpha=0.45, vmin=0, vmax=1, interpolation="bilinear")
-        ax.set_title(title, fontsize=8)
-    if not len(images):
-        axes.flat[0].text(0.5, 0.5, "nothing to show", ha="center", va="center")
+    n = len(images)
+    cols = min(columns, max(n, 1))
+    rows = math.ceil(max(n, 1) / cols)
+    cell_w_in, cell_h_in, head_in = 2.3, 2.6, 0.5
+    fig = plt.figure(figsize=(cell_w_in * cols, cell_h_in * rows + head_in))
     fig.suptitle(suptitle, fontsize=10)
-    fig.tight_layout()
+    ax = fig.add_axes((0, 0, 1, 1 - head_in / (cell_h_in * rows + head_in)))
+    ax.set_axis_off()
+    if not n:
+        ax.text(0.5, 0.5, "nothing to show", ha="center", va="center", transform=ax.transAxes)
+    else:
+        mosaic, anchors = gallery_mosaic(images, overlays, columns=cols, aspect=cell_h_in / cell_w_in)
+        ax.imshow(mosaic, interpolation="nearest", aspect="auto")
+        for (x, y), title in zip(anchors, titles):
+            ax.text(x, y, title, ha="center", va="bottom", fontsize=8)
     save_figure(fig, dest)
 
 

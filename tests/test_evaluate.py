@@ -293,3 +293,33 @@ def test_compute_metrics_and_confusion_match_torchmetrics(seed):
     assert m["roc_auc_ovr"] == pytest.approx(sum(auroc[: k - 1].tolist()) / (k - 1), abs=1e-5)
     pred = probs.argmax(1)
     assert torch.equal(confusion_matrix(pred, targets, k), multiclass_confusion_matrix(pred, targets, num_classes=k))
+
+
+def test_gallery_mosaic_places_every_image_under_its_title_and_blends_overlays(tmp_path: Path):
+    import numpy as np
+    from PIL import Image
+
+    from tasks.plots import gallery_mosaic, plot_gallery
+
+    images = np.stack([np.full((1, 4, 4), v, dtype=np.uint8) for v in (0, 128, 255)])
+    mosaic, anchors = gallery_mosaic(images, None, columns=2, aspect=1.5)
+    pad, cell_w = 1, 6
+    cell_h = 9  # 1.5 x 6; the image sits at the bottom of its cell, its title band above
+    assert mosaic.shape == (2 * cell_h, 2 * cell_w, 3)
+    for i, v in enumerate((0, 128, 255)):
+        r, c = divmod(i, 2)
+        y, x = r * cell_h + cell_h - 4 - pad, c * cell_w + pad
+        assert np.allclose(mosaic[y:y + 4, x:x + 4], v / 255)
+        assert anchors[i] == (c * cell_w + cell_w / 2, y - 0.5)  # the title's baseline just above its image
+    assert np.all(mosaic[cell_h:, cell_w:] == 1.0)  # the empty fourth cell stays white
+    hot = np.ones((3, 4, 4))
+    blended, _ = gallery_mosaic(images, hot, columns=2, aspect=1.5)
+    y = cell_h - 4 - pad
+    assert np.allclose(blended[y, pad], 0.45 * np.array([0.5, 0.0, 0.0]), atol=0.01)  # black + 45% jet(1)
+
+    plot_gallery(images, ["a", "b", "c"], tmp_path / "g.png", suptitle="s", columns=2)
+    with Image.open(tmp_path / "g.png") as png:
+        assert png.size == (460, 570)  # 2 x 2.3 in by 2 x 2.6 + 0.5 in at 100 dpi
+        assert np.asarray(png.convert("L")).min() < 10  # the black image is drawn
+    plot_gallery(images[:0], [], tmp_path / "empty.png", suptitle="s")
+    assert (tmp_path / "empty.png").stat().st_size > 0
