@@ -108,6 +108,7 @@ class PrefectStart:
     def __init__(self) -> None:
         self.error: BaseException | None = None
         self.temporary = False
+        self.imported = threading.Event()  # set once Prefect's modules are in (or failed to import)
         self._thread = threading.Thread(target=self._start, name="prefect-start", daemon=True)
         self._thread.start()
 
@@ -119,9 +120,12 @@ class PrefectStart:
                 from prefect.server.api.server import SubprocessASGIServer
 
                 self.temporary = True
+                self.imported.set()
                 SubprocessASGIServer().start()
         except BaseException as exc:  # noqa: BLE001
             self.error = exc
+        finally:
+            self.imported.set()
 
     @property
     def ready(self) -> bool:
@@ -144,7 +148,8 @@ def run_early_stages(root: Path, server: "PrefectStart", overrides: dict[str, An
         except RunBusy:
             return done  # the flow waits for the lock (or refuses) and reports it, as without an early start
         stack.enter_context(overridden(root / "params.yaml", overrides))
-        store = threading.Thread(target=open_mlflow_store, args=(root,), name="mlflow-store", daemon=True)
+        store = threading.Thread(target=_open_store_after_import, args=(root, server), name="mlflow-store",
+                                 daemon=True)
         store.start()
         for stage in EARLY_STAGES:
             if server.ready:
@@ -155,6 +160,15 @@ def run_early_stages(root: Path, server: "PrefectStart", overrides: dict[str, An
                 break
         store.join()
     return done
+
+
+def _open_store_after_import(root: Path, server: "PrefectStart") -> None:
+    """open_mlflow_store, once Prefect's modules are imported. Both use SQLAlchemy, whose mappers are
+    configured process-wide on first use: configured while Prefect's server ORM module is half-imported, its
+    Flow mapper cannot find FlowRun yet, and every later MLflow query in the process fails ("One or more
+    mappers failed to initialize"; seen when the two overlapped)."""
+    server.imported.wait()
+    open_mlflow_store(root)
 
 
 def open_mlflow_store(root: Path) -> None:

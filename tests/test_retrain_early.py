@@ -17,7 +17,11 @@ class FakeServer:
     """Becomes ready after `after` readiness checks."""
 
     def __init__(self, after: int) -> None:
+        import threading
+
         self.after, self.checks, self.waited, self.temporary = after, 0, False, True
+        self.imported = threading.Event()
+        self.imported.set()
 
     @property
     def ready(self) -> bool:
@@ -56,6 +60,27 @@ def test_early_stages_run_under_the_lock_and_overrides_until_the_server_is_up(pr
     assert (project / "params.yaml").read_text() == (REPO / "params.yaml").read_text()  # put back for the flow
     with early.run_lock(project, 0):  # and released
         pass
+
+
+def test_the_mlflow_store_is_opened_only_once_prefect_is_imported(project, monkeypatch):
+    """Opening the store configures SQLAlchemy's mappers process-wide; Prefect's server ORM half-imported at that
+    moment breaks every later MLflow query (a real failure of `imgclf run`)."""
+    server, opened = FakeServer(after=10), []
+    server.imported.clear()
+    monkeypatch.setattr(early, "open_mlflow_store", lambda root: opened.append(root))
+
+    def fake_stage(root: str, stage: str) -> list[str]:
+        if stage == "ingest":
+            import time
+
+            time.sleep(0.3)
+            assert opened == []  # still waiting for Prefect's imports
+            server.imported.set()
+        return [stage]
+
+    monkeypatch.setattr(early, "run_stage", fake_stage)
+    assert early.run_early_stages(project, server, {}) == {s: [s] for s in early.EARLY_STAGES}
+    assert opened == [project]
 
 
 def test_a_failing_early_stage_is_left_to_the_flow(project, monkeypatch):
