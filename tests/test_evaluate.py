@@ -197,12 +197,18 @@ def test_evaluate_refuses_test_labels_the_model_never_saw(tmp_path: Path):
         evaluate(tmp_path / "m", tmp_path / "t.csv", tmp_path / "raw")
 
 
-def test_run_writes_every_output_with_the_metrics_contract(tmp_path: Path):
+def test_run_writes_every_output_with_the_metrics_contract(tmp_path: Path, monkeypatch):
+    import tasks.evaluate as ev
+
     p = _tiny_project(tmp_path)
     out = Outputs(reports=tmp_path / "reports", onnx_dir=tmp_path / "onnx")
     cfg = EvalConfig(bootstrap_samples=100, latency_repeats=2, worst_n=3, slices=("format", "folder"))
+    order: list[str] = []
+    real_speed = ev.speed
+    monkeypatch.setattr(ev, "speed", lambda *a, **k: order.append("timing") or real_speed(*a, **k))
     m = run(cfg, model_dir=p["model"], splits_dir=p["splits"], raw_dir=p["raw"], manifest_path=p["manifest"],
-            out=out, log=lambda _: None)
+            out=out, log=lambda _: None, before_timing=lambda: order.append("settled"))
+    assert order == ["settled", "timing"]  # the caller's background work is done before latency is timed
     assert CONTRACT_KEYS <= set(m) and m["status"] == "ok"
     assert json.loads(out.metrics.read_text()) == json.loads(json.dumps(m))
     assert isinstance(m["n_test"], int) and len(m["accuracy_ci95"]) == 2 and len(m["macro_f1_ci95"]) == 2
