@@ -127,10 +127,11 @@ def _assign_class(sizes: list[int], names: list[str], fractions: dict[str, float
 
 def _group_table(rows: "pd.DataFrame") -> "pd.DataFrame":
     """One row per group: its majority label, size and member count by label."""
-    table = rows.groupby("group").agg(size=("path", "count"), first=("path", "min"),
-                                      n_labels=("label", "nunique"),
-                                      label=("label", lambda s: sorted(s.value_counts().loc[
-                                          lambda c: c == c.max()].index)[0]))
+    table = rows.groupby("group").agg(size=("path", "count"), first=("path", "min"), n_labels=("label", "nunique"))
+    # majority label, ties to the alphabetically first (vectorised: a per-group lambda took ~1 s per 5,000 images)
+    pairs = rows.groupby(["group", "label"]).size().rename("k").reset_index()
+    pairs = pairs.sort_values(["group", "k", "label"], ascending=[True, False, True])
+    table["label"] = pairs.drop_duplicates("group").set_index("group")["label"]
     return table.sort_values("first")
 
 

@@ -294,3 +294,21 @@ def test_presplit_without_val_carves_it_from_train_with_a_warning(tmp_path):
     assert parts["val"]["path"].str.startswith("train/").all() and set(parts["val"]["label"]) == {"cat", "dog"}
     assert len(parts["val"]) + len(parts["train"]) == 40
     assert any("no val folder" in w for w in result.warnings)
+
+
+def test_group_table_takes_each_groups_majority_label_ties_to_the_first_name():
+    import numpy as np
+    import pandas as pd
+
+    from tasks.split import _group_table
+
+    rng = np.random.default_rng(3)
+    rows = pd.DataFrame({"path": [f"f{i:04d}" for i in range(600)], "group": rng.integers(0, 150, 600),
+                         "label": rng.choice(["b", "a", "c"], 600)})
+    table = _group_table(rows)
+    for group, members in rows.groupby("group"):
+        counts = members["label"].value_counts()
+        assert table.loc[group, "label"] == sorted(counts[counts == counts.max()].index)[0]
+        assert table.loc[group, "size"] == len(members) and table.loc[group, "first"] == members["path"].min()
+        assert table.loc[group, "n_labels"] == members["label"].nunique()
+    assert list(table["first"]) == sorted(table["first"])
