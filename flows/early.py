@@ -107,7 +107,6 @@ class PrefectStart:
 
     def __init__(self) -> None:
         self.error: BaseException | None = None
-        self.temporary = False
         self.imported = threading.Event()  # set once Prefect's modules are in (or failed to import)
         self._thread = threading.Thread(target=self._start, name="prefect-start", daemon=True)
         self._thread.start()
@@ -119,7 +118,6 @@ class PrefectStart:
             if temporary_api():
                 from prefect.server.api.server import SubprocessASGIServer
 
-                self.temporary = True
                 self.imported.set()
                 SubprocessASGIServer().start()
         except BaseException as exc:  # noqa: BLE001

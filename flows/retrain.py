@@ -13,8 +13,7 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 
 import tasks  # noqa: F401  (telemetry off)
-from flows.early import (EARLY_STAGES, RunBusy, RunFailed, _quiet_dvc, _stage_env, overridden,  # noqa: F401
-                         run_lock, run_stage)
+from flows.early import RunFailed, _quiet_dvc, _stage_env, overridden, run_lock, run_stage
 from tasks.config import load_params, project_root, source_overrides, write_resolved
 
 STAGES = ("ingest", "validate", "split", "train", "evaluate")

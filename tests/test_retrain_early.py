@@ -19,7 +19,7 @@ class FakeServer:
     def __init__(self, after: int) -> None:
         import threading
 
-        self.after, self.checks, self.waited, self.temporary = after, 0, False, True
+        self.after, self.checks, self.waited = after, 0, False
         self.imported = threading.Event()
         self.imported.set()
 
@@ -143,7 +143,7 @@ def test_prefect_start_imports_the_flow_in_the_background(monkeypatch):
     monkeypatch.setattr(rt, "temporary_api", lambda: False)  # (the real server start runs in test_flow.py)
     start = early.PrefectStart()
     start.wait()
-    assert start.ready and start.error is None and not start.temporary
+    assert start.ready and start.error is None and start.imported.is_set()
 
 
 def test_the_flow_counts_early_stages_as_run_and_still_asks_dvc(project, monkeypatch):

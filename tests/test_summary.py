@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from flows.retrain import RunBusy, run_lock
+from flows.early import RunBusy, run_lock
 from tasks.summary import notify, per_class_rows, run_markdown
 
 SUMMARY = {"stages_run": ["train", "evaluate"], "data_hash": "f" * 64, "n_images": 45, "data_source": "/imgs",
