@@ -11,10 +11,10 @@ import sys
 import threading
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import tasks  # noqa: F401  (telemetry off)
-from tasks.config import load_params, project_root, restore_file, write_overrides
+from tasks.config import project_root, restore_file, write_overrides
 
 # Stages `imgclf run` may run through DVC while Prefect starts (never train/evaluate:
 # they are long and their timeouts matter).
@@ -45,6 +45,47 @@ def run_stage(root: str, stage: str) -> list[str]:
     with Repo(root) as repo:
         ran = repo.reproduce(stage, single_item=True)
     return [s.addressing for s in ran]
+
+
+class WhileStageRuns:
+    """fn() in a background thread once DVC starts `stage`'s command (its "Running stage" log line), when this
+    process only waits for that command; never, if the stage turns out to be up to date (cancel()).
+
+    For work this process needs later that would otherwise compete, for this process's GIL, with DVC's own
+    hashing before and after the command."""
+
+    def __init__(self, stage: str, fn: Callable[[], Any]) -> None:
+        import logging
+
+        self.stage, self.fn = stage, fn
+        self.started, self.cancelled = threading.Event(), False
+        self.handler = logging.Handler()
+        self.handler.emit = self._record  # type: ignore[method-assign]
+        logging.getLogger("dvc").addHandler(self.handler)
+        self.thread = threading.Thread(target=self._run, name=f"while-{stage}", daemon=True)
+        self.thread.start()
+
+    def _record(self, record: Any) -> None:
+        if record.msg == "Running stage '%s':" and record.args and record.args[0] == self.stage:
+            self.started.set()
+
+    def _run(self) -> None:
+        import logging
+
+        try:
+            self.started.wait()
+            if not self.cancelled:
+                self.fn()
+        except Exception:  # noqa: BLE001  (the work is redone, and its errors reported, where it is needed)
+            pass
+        finally:
+            logging.getLogger("dvc").removeHandler(self.handler)
+
+    def cancel(self) -> None:
+        """The stage is over: if its command never started, skip fn."""
+        if not self.started.is_set():
+            self.cancelled = True
+            self.started.set()
 
 
 @contextmanager
@@ -107,7 +148,6 @@ class PrefectStart:
 
     def __init__(self) -> None:
         self.error: BaseException | None = None
-        self.imported = threading.Event()  # set once Prefect's modules are in (or failed to import)
         self._thread = threading.Thread(target=self._start, name="prefect-start", daemon=True)
         self._thread.start()
 
@@ -118,12 +158,9 @@ class PrefectStart:
             if temporary_api():
                 from prefect.server.api.server import SubprocessASGIServer
 
-                self.imported.set()
                 SubprocessASGIServer().start()
         except BaseException as exc:  # noqa: BLE001
             self.error = exc
-        finally:
-            self.imported.set()
 
     @property
     def ready(self) -> bool:
@@ -146,9 +183,7 @@ def run_early_stages(root: Path, server: "PrefectStart", overrides: dict[str, An
         except RunBusy:
             return done  # the flow waits for the lock (or refuses) and reports it, as without an early start
         stack.enter_context(overridden(root / "params.yaml", overrides))
-        store = threading.Thread(target=_open_store_after_import, args=(root, server), name="mlflow-store",
-                                 daemon=True)
-        store.start()
+        store = open_mlflow_store(root)
         for stage in EARLY_STAGES:
             if server.ready:
                 break
@@ -156,31 +191,18 @@ def run_early_stages(root: Path, server: "PrefectStart", overrides: dict[str, An
                 done[stage] = run_stage(str(root), stage)
             except Exception:  # noqa: BLE001
                 break
-        store.join()
+        store.wait()
     return done
 
 
-def _open_store_after_import(root: Path, server: "PrefectStart") -> None:
-    """open_mlflow_store, once Prefect's modules are imported. Both use SQLAlchemy, whose mappers are
-    configured process-wide on first use: configured while Prefect's server ORM module is half-imported, its
-    Flow mapper cannot find FlowRun yet, and every later MLflow query in the process fails ("One or more
-    mappers failed to initialize"; seen when the two overlapped)."""
-    server.imported.wait()
-    open_mlflow_store(root)
+def open_mlflow_store(root: Path) -> "subprocess.Popen[bytes]":
+    """Create the local MLflow store and experiment in a process of its own (`python -m tasks.tracking`, warm
+    under the stage host), off the critical path and away from this process: its imports would hold this
+    process's GIL against DVC's, and SQLAlchemy configures mappers process-wide (configured while Prefect's
+    server ORM was half-imported, every later MLflow query failed)."""
+    import subprocess
 
-
-def open_mlflow_store(root: Path) -> None:
-    """Import mlflow and create a local store's schema and experiment now, off the critical path (train and
-    register would each wait for it). Remote stores are left alone; errors are reported by train/register."""
-    try:
-        params = load_params(root / "params.yaml")
-        uri = params.register_.tracking_uri
-        if uri.startswith(("sqlite:", "file:")) or "://" not in uri:
-            from tasks import tracking
-
-            tracking.configure(uri, params.register_.experiment, root)
-    except Exception:  # noqa: BLE001
-        pass
+    return subprocess.Popen([sys.executable, "-m", "tasks.tracking", str(root)], cwd=str(root))
 
 
 def run_retrain(*, overrides: dict[str, Any] | None = None, allow_promotion: bool = True,
@@ -190,18 +212,21 @@ def run_retrain(*, overrides: dict[str, Any] | None = None, allow_promotion: boo
     the first stages (they run through DVC meanwhile; the flow still runs each as a task, DVC re-checks it).
 
     With PREFECT_API_URL in the environment (a real server), nothing runs early: the flow runs every stage."""
-    root = project_root(Path(project_dir) if project_dir else None)
-    prefect = PrefectStart()
-    early: dict[str, list[str]] = {}
-    try:
-        if not os.environ.get("PREFECT_API_URL"):
-            early = run_early_stages(root, prefect, overrides or {})
-    finally:
-        prefect.wait()
-    from flows.retrain import retrain
-    from tasks.sweep import resolve_task_runner
+    from tasks.stagehost import serving
 
-    flow_fn = retrain.with_options(task_runner=resolve_task_runner(task_runner, max_parallel))
-    kwargs: dict[str, Any] = dict(overrides=overrides, allow_promotion=allow_promotion, project_dir=project_dir,
-                                  sweep=sweep)
-    return flow_fn(**kwargs, **({"ran_early": early} if early else {}))
+    root = project_root(Path(project_dir) if project_dir else None)
+    with serving(root):  # stage commands run in warm, preloaded processes (tasks/stagehost.py)
+        prefect = PrefectStart()
+        early: dict[str, list[str]] = {}
+        try:
+            if not os.environ.get("PREFECT_API_URL"):
+                early = run_early_stages(root, prefect, overrides or {})
+        finally:
+            prefect.wait()
+        from flows.retrain import retrain
+        from tasks.sweep import resolve_task_runner
+
+        flow_fn = retrain.with_options(task_runner=resolve_task_runner(task_runner, max_parallel))
+        kwargs: dict[str, Any] = dict(overrides=overrides, allow_promotion=allow_promotion,
+                                      project_dir=project_dir, sweep=sweep)
+        return flow_fn(**kwargs, **({"ran_early": early} if early else {}))

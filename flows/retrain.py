@@ -13,8 +13,9 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 
 import tasks  # noqa: F401  (telemetry off)
-from flows.early import RunFailed, _quiet_dvc, _stage_env, overridden, run_lock, run_stage
+from flows.early import RunFailed, WhileStageRuns, _quiet_dvc, _stage_env, overridden, run_lock, run_stage
 from tasks.config import load_params, project_root, source_overrides, write_resolved
+from tasks.stagehost import serving
 
 STAGES = ("ingest", "validate", "split", "train", "evaluate")
 STAGE_TIMEOUT_S = {"ingest": 3600, "validate": 3600, "split": 600, "train": 24 * 3600, "evaluate": 3600}
@@ -242,7 +243,7 @@ def retrain(overrides: dict[str, Any] | None = None, source: str | None = None, 
     overrides = {**(source_overrides(source) if source else {}), **(overrides or {})}
     started = time.time()
     wait_s = load_params(root / "params.yaml").schedule.wait_for_lock_s
-    with run_lock(root, wait_s), overridden(root / "params.yaml", overrides) as params_state:
+    with run_lock(root, wait_s), overridden(root / "params.yaml", overrides) as params_state, serving(root):
         params = load_params(root / "params.yaml")
         ran: list[str] = []
         swept = None
@@ -251,15 +252,23 @@ def retrain(overrides: dict[str, Any] | None = None, source: str | None = None, 
             from tasks.config import read_raw
 
             sweep = validate_sweep(sweep, read_raw(root / "params.yaml"))
-        for stage in (STAGES[:3] if sweep else STAGES):
-            stage_task = task(run_stage, name=stage, timeout_seconds=STAGE_TIMEOUT_S[stage],
-                              retries=2 if stage == "ingest" else 0, retry_delay_seconds=10)
-            did = stage_task(str(root), stage)  # DVC re-checks a stage that ran early: a no-op unless changed since
-            early = (ran_early or {}).get(stage, [])
-            did = early + [s for s in did if s not in early]
-            logger.info("%s: %s", stage, ("ran" if did else "up to date")
-                        + (" (through DVC while Prefect started)" if early else ""))
-            ran += did
+        # register, gate and promote need MLflow (~2 s to import and open): load it while train's command runs
+        warm = None if sweep else WhileStageRuns("train", lambda: _client(root))
+        try:
+            for stage in (STAGES[:3] if sweep else STAGES):
+                stage_task = task(run_stage, name=stage, timeout_seconds=STAGE_TIMEOUT_S[stage],
+                                  retries=2 if stage == "ingest" else 0, retry_delay_seconds=10)
+                did = stage_task(str(root), stage)  # DVC re-checks a stage that ran early: a no-op unless changed
+                if warm and stage == "train":
+                    warm.cancel()
+                early = (ran_early or {}).get(stage, [])
+                did = early + [s for s in did if s not in early]
+                logger.info("%s: %s", stage, ("ran" if did else "up to date")
+                            + (" (through DVC while Prefect started)" if early else ""))
+                ran += did
+        finally:
+            if warm:
+                warm.cancel()
         if sweep:
             swept = run_sweep(root, sweep, logger)
             params_state["keep"] = True  # the winner, as applied, is the workspace's state now

@@ -374,4 +374,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from tasks.stagehost import run_main
+
+    run_main("tasks.ingest", main)

@@ -150,3 +150,30 @@ class Background:
         if self._error is not None:
             raise self._error
         return self._value
+
+
+def ensure_local_store(root: Path) -> None:
+    """Create a local store's schema and the experiment now (train and register would each wait for it);
+    remote stores are left alone. Silent on errors: train and register report them in context."""
+    from tasks.config import load_params
+
+    try:
+        params = load_params(root / "params.yaml")
+        uri = params.register_.tracking_uri
+        if uri.startswith(("sqlite:", "file:")) or "://" not in uri:
+            configure(uri, params.register_.experiment, root)
+    except Exception:  # noqa: BLE001
+        pass
+
+
+def main() -> None:
+    """`python -m tasks.tracking [ROOT]`: ensure_local_store for the project at ROOT (default: around cwd)."""
+    import sys
+
+    ensure_local_store(Path(sys.argv[1]) if len(sys.argv) > 1 else project_root())
+
+
+if __name__ == "__main__":
+    from tasks.stagehost import run_main
+
+    run_main("tasks.tracking", main)

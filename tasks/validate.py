@@ -450,4 +450,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from tasks.stagehost import run_main
+
+    run_main("tasks.validate", main)

@@ -17,11 +17,7 @@ class FakeServer:
     """Becomes ready after `after` readiness checks."""
 
     def __init__(self, after: int) -> None:
-        import threading
-
         self.after, self.checks, self.waited = after, 0, False
-        self.imported = threading.Event()
-        self.imported.set()
 
     @property
     def ready(self) -> bool:
@@ -30,6 +26,17 @@ class FakeServer:
 
     def wait(self) -> None:
         self.waited = True
+
+
+class Opened:
+    """A store process that has finished."""
+
+    def __init__(self) -> None:
+        self.waited = False
+
+    def wait(self) -> int:
+        self.waited = True
+        return 0
 
 
 REPO = Path(__file__).resolve().parent.parent
@@ -44,7 +51,7 @@ def project(tmp_path: Path) -> Path:
 
 def test_early_stages_run_under_the_lock_and_overrides_until_the_server_is_up(project, monkeypatch):
     seen: list[tuple[str, str]] = []
-    monkeypatch.setattr(early, "open_mlflow_store", lambda root: None)
+    monkeypatch.setattr(early, "open_mlflow_store", lambda root: Opened())
 
     def fake_stage(root: str, stage: str) -> list[str]:
         with pytest.raises(early.RunBusy):  # the lock is held while a stage runs early
@@ -62,25 +69,12 @@ def test_early_stages_run_under_the_lock_and_overrides_until_the_server_is_up(pr
         pass
 
 
-def test_the_mlflow_store_is_opened_only_once_prefect_is_imported(project, monkeypatch):
-    """Opening the store configures SQLAlchemy's mappers process-wide; Prefect's server ORM half-imported at that
-    moment breaks every later MLflow query (a real failure of `imgclf run`)."""
-    server, opened = FakeServer(after=10), []
-    server.imported.clear()
-    monkeypatch.setattr(early, "open_mlflow_store", lambda root: opened.append(root))
-
-    def fake_stage(root: str, stage: str) -> list[str]:
-        if stage == "ingest":
-            import time
-
-            time.sleep(0.3)
-            assert opened == []  # still waiting for Prefect's imports
-            server.imported.set()
-        return [stage]
-
-    monkeypatch.setattr(early, "run_stage", fake_stage)
-    assert early.run_early_stages(project, server, {}) == {s: [s] for s in early.EARLY_STAGES}
-    assert opened == [project]
+def test_the_mlflow_store_is_opened_beside_the_early_stages_and_awaited(project, monkeypatch):
+    store, order = Opened(), []
+    monkeypatch.setattr(early, "open_mlflow_store", lambda root: order.append("store") or store)
+    monkeypatch.setattr(early, "run_stage", lambda root, stage: order.append(stage) or [stage])
+    assert early.run_early_stages(project, FakeServer(after=10), {}) == {s: [s] for s in early.EARLY_STAGES}
+    assert order == ["store", *early.EARLY_STAGES] and store.waited  # the flow's train finds the store made
 
 
 def test_a_failing_early_stage_is_left_to_the_flow(project, monkeypatch):
@@ -90,7 +84,7 @@ def test_a_failing_early_stage_is_left_to_the_flow(project, monkeypatch):
         return [stage]
 
     monkeypatch.setattr(early, "run_stage", fake_stage)
-    monkeypatch.setattr(early, "open_mlflow_store", lambda root: None)
+    monkeypatch.setattr(early, "open_mlflow_store", lambda root: Opened())
     assert early.run_early_stages(project, FakeServer(after=10), {}) == {"ingest": ["ingest"]}
 
 
@@ -127,7 +121,7 @@ def test_run_retrain_starts_early_unless_a_server_is_configured(project, monkeyp
     monkeypatch.setattr(early, "PrefectStart", lambda: server)
     monkeypatch.setattr(tasks.sweep, "resolve_task_runner", lambda name, n: f"{name} runner x{n}")
     monkeypatch.setattr(early, "run_stage", lambda root, stage: [stage])
-    monkeypatch.setattr(early, "open_mlflow_store", lambda root: None)
+    monkeypatch.setattr(early, "open_mlflow_store", lambda root: Opened())
     out = early.run_retrain(overrides={"train.epochs": 3}, project_dir=str(project), task_runner="thread",
                             max_parallel=2)
     assert out == {"ok": True} and flow.runner == "thread runner x2" and server.waited
@@ -143,7 +137,7 @@ def test_prefect_start_imports_the_flow_in_the_background(monkeypatch):
     monkeypatch.setattr(rt, "temporary_api", lambda: False)  # (the real server start runs in test_flow.py)
     start = early.PrefectStart()
     start.wait()
-    assert start.ready and start.error is None and start.imported.is_set()
+    assert start.ready and start.error is None
 
 
 def test_the_flow_counts_early_stages_as_run_and_still_asks_dvc(project, monkeypatch):
@@ -168,15 +162,40 @@ def test_the_flow_counts_early_stages_as_run_and_still_asks_dvc(project, monkeyp
     assert summary["stages_run"] == ["ingest", "validate", "train"]
 
 
-def test_the_local_mlflow_store_is_created_early(project, monkeypatch):
+def test_the_local_mlflow_store_is_created_early_by_its_own_process(project, monkeypatch):
     import sqlite3
 
-    import mlflow
-
-    monkeypatch.chdir(project)
-    monkeypatch.setenv("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", "false")
-    early.open_mlflow_store(project)
-    mlflow.set_tracking_uri(None)
+    monkeypatch.delenv("IMGCLF_STAGE_HOST", raising=False)
+    assert early.open_mlflow_store(project).wait() == 0
     tables = {r[0] for r in sqlite3.connect(project / "mlflow.db").execute("select name from sqlite_master")}
     assert {"experiments", "runs"} <= tables
-    early.open_mlflow_store(project / "nowhere")  # no params there: silently nothing (train reports it)
+    names = [r[0] for r in sqlite3.connect(project / "mlflow.db").execute("select name from experiments")]
+    assert "imgclf" in names
+    (project / "empty").mkdir()
+    assert early.open_mlflow_store(project / "empty").wait() == 0  # no params there: nothing (train reports it)
+    assert list((project / "empty").iterdir()) == []
+
+
+def test_work_waits_for_the_stage_command_to_start(monkeypatch):
+    """The flow loads MLflow while train's command runs: only after DVC says it started that command."""
+    import logging
+    import threading
+
+    import dvc.repo  # noqa: F401  (DVC's logging set up, as in the flow)
+
+    done = threading.Event()
+    dvc_log = logging.getLogger("dvc.stage.run")
+    warm = early.WhileStageRuns("train", done.set)
+    dvc_log.info("Running stage '%s':", "split")
+    assert not done.wait(0.3)  # another stage's command
+    dvc_log.info("Running stage '%s':", "train")
+    assert done.wait(10)
+    warm.thread.join(10)
+    assert warm.handler not in logging.getLogger("dvc").handlers
+
+    skipped = threading.Event()
+    warm = early.WhileStageRuns("train", skipped.set)
+    warm.cancel()  # train was up to date: its command never ran
+    warm.thread.join(10)
+    dvc_log.info("Running stage '%s':", "train")
+    assert not warm.thread.is_alive() and not skipped.is_set()

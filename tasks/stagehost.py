@@ -1,0 +1,344 @@
+"""Warm stage processes for `imgclf run`: a preloaded fork server for the DVC stage commands.
+
+Each stage is still `python -m tasks.<stage>`, run by DVC (which decides what is stale and writes dvc.lock).
+Under `imgclf run`, the command hands its working folder, environment, arguments and stdin/stdout/stderr to a
+host process that imported the heavy libraries once (Great Expectations, pandas, torch, MLflow, ONNX; seconds
+per stage otherwise). The host forks a child that runs the stage's `main` exactly as the command would, and the
+command exits with the child's exit status. The stage's own code (tasks/, flows/) is imported fresh in the
+child, from the command's working folder, so DVC experiments' copies run their own code.
+
+The host is used only where fork is safe and cheap (Linux), never touches CUDA before forking, and stops when
+the run ends. Its socket lives in a private (0700) temporary folder. If it cannot be reached the command runs the stage itself, as `dvc repro` always does.
+`IMGCLF_WARM_STAGES=0` switches it off."""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import signal
+import socket
+import struct
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable, Iterator
+
+ENV = "IMGCLF_STAGE_HOST"  # the host's socket path, set by `imgclf run` for the stage commands it starts
+SWITCH = "IMGCLF_WARM_STAGES"  # "0" / "false" / "off": every stage starts its own interpreter
+
+# In the order the stages need them: validate and split (contract), then train and evaluate.
+PRELOAD = ("numpy", "PIL.Image", "pandas", "great_expectations", "mlflow", "mlflow.store.tracking.sqlalchemy_store",
+           "mlflow.pyfunc", "torch", "torchvision", "torch._dynamo", "torch._inductor.config", "onnx",
+           "onnxruntime", "matplotlib.figure")
+
+# What a stage waits for before it is forked (the last PRELOAD entry it uses); unlisted: the whole list.
+READY_AFTER = {"tasks.ingest": None, "tasks.validate": "great_expectations", "tasks.split": "great_expectations",
+               "tasks.tracking": "mlflow.store.tracking.sqlalchemy_store"}
+
+_HEADER = struct.Struct("!I")
+
+
+def enabled() -> bool:
+    """Warm stages are possible here: fork exists and is safe (Linux) and the user did not switch them off."""
+    return sys.platform == "linux" and os.environ.get(SWITCH, "1").lower() not in {"0", "false", "off", "no"}
+
+
+# ---------------------------------------------------------------------------------------------- the command
+
+
+def run_main(module: str, main: Callable[[], None]) -> None:
+    """A stage module's `__main__`: hand the stage to the run's host when there is one, else call main()."""
+    code = forward(module)
+    if code is None:
+        main()
+        return
+    sys.exit(code)
+
+
+def forward(module: str) -> int | None:
+    """Run `python -m module` in the host; its exit status, or None when there is no host to run it."""
+    path = os.environ.get(ENV)
+    if not path or not _std_streams_open():
+        return None
+    conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        conn.connect(path)
+    except OSError:
+        conn.close()
+        return None  # the run's host is gone (or on another machine): run here
+    request = json.dumps({"module": module, "argv": sys.argv[1:], "cwd": os.getcwd(),
+                          "env": dict(os.environ)}).encode()
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    with conn:
+        socket.send_fds(conn, [_HEADER.pack(len(request))], [0, 1, 2])
+        conn.sendall(request)
+        answer = _recv_all(conn)
+    if not answer:
+        print(f"imgclf: the stage host lost {module} without an exit status", file=sys.stderr)
+        return 1
+    code = int(answer)
+    return 128 - code if code < 0 else code  # killed by signal N: the shell's 128 + N
+
+
+def _std_streams_open() -> bool:
+    """fds 0-2 are all open (a closed stdin, as under some schedulers, cannot be handed over)."""
+    try:
+        for fd in (0, 1, 2):
+            os.fstat(fd)
+    except OSError:
+        return False
+    return True
+
+
+def _recv_all(conn: socket.socket) -> bytes:
+    chunks = []
+    while chunk := conn.recv(4096):
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+# ------------------------------------------------------------------------------------------------- the host
+
+
+@contextmanager
+def serving(root: Path, preload: tuple[str, ...] = PRELOAD) -> Iterator[str | None]:
+    """Start a host for this run's stage commands (ENV is set for them) and stop it afterwards.
+
+    Yields the socket path, or None when warm stages are off, unavailable or already served by an outer run."""
+    import subprocess
+    import tempfile
+
+    if not enabled() or os.environ.get(ENV):
+        yield None
+        return
+    folder = tempfile.mkdtemp(prefix="imgclf-host-")  # short: a socket path is at most 107 bytes
+    path = os.path.join(folder, "host.sock")
+    # Listening before the host has started: a command connecting early waits in the backlog. Only the host
+    # keeps the socket open, so once it is gone a command is refused and runs its stage itself.
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
+        listener.bind(path)
+        listener.listen(64)
+        host = subprocess.Popen([sys.executable, "-m", "tasks.stagehost", str(listener.fileno()),
+                                 ",".join(preload)], cwd=str(root), stdin=subprocess.PIPE,
+                                pass_fds=[listener.fileno()])
+    os.environ[ENV] = path
+    try:
+        yield path
+    finally:
+        os.environ.pop(ENV, None)
+        host.stdin.close()  # the host stops (and ends any stage still running) when this pipe closes
+        try:
+            host.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            host.kill()
+            host.wait()
+        for leftover in (path, folder):
+            try:
+                (os.unlink if leftover == path else os.rmdir)(leftover)
+            except OSError:
+                pass
+
+
+class Host:
+    """The fork server: accepts requests, forks one child per stage once the libraries it needs are imported,
+    and reports each child's exit status."""
+
+    def __init__(self, listener: socket.socket, preload: tuple[str, ...] = PRELOAD):
+        self.listener = listener
+        self.preload = preload
+        self.loaded = 0  # how many of `preload` have been imported (or failed to)
+        self.waiting: list[tuple[socket.socket, dict, list[int]]] = []  # requests not forked yet
+        self.children: dict[int, socket.socket] = {}  # pid -> the command's connection
+
+    def serve(self) -> None:
+        """Import the preload list between requests, then serve until stdin (the run's pipe) closes."""
+        import importlib
+
+        for name in self.preload:
+            # Imports are CPU-bound: none while a stage runs (the stage is the run's critical path).
+            if not self.step(timeout=0):
+                return
+            while self.children:
+                if not self.step(timeout=0.05):
+                    return
+            try:
+                importlib.import_module(name)
+            except Exception:  # noqa: BLE001  (not installed / broken: the stage imports it and says so)
+                pass
+            self.loaded += 1
+        while self.step(timeout=0.5):
+            pass
+
+    def needs(self, module: str) -> int:
+        """How much of the preload list a stage waits for: ingest nothing, validate and split up to Great
+        Expectations, the rest all of it (importing a library twice, in the host and in a child that did not
+        wait, costs more than the wait: each import is CPU-bound)."""
+        last = READY_AFTER.get(module, self.preload[-1] if self.preload else None)
+        return self.preload.index(last) + 1 if last in self.preload else 0
+
+    def step(self, timeout: float) -> bool:
+        """One round of the loop; False once the run is over."""
+        watched = {c.fileno(): ("child", pid) for pid, c in self.children.items()}
+        watched.update({c.fileno(): ("waiting", i) for i, (c, _, _) in enumerate(self.waiting)})
+        conns = [*self.children.values(), *(c for c, _, _ in self.waiting)]
+        readable, _, _ = select.select([self.listener, sys.stdin, *conns], [], [], timeout)
+        gone: list[int] = []
+        for item in readable:
+            if item is sys.stdin:
+                if not os.read(0, 4096):
+                    self.stop()
+                    return False
+            elif item is self.listener:
+                self.receive()
+            else:  # the command went away (killed, timed out): its stage goes too
+                kind, key = watched[item.fileno()]
+                if kind == "child":
+                    self._signal(key, signal.SIGTERM)
+                else:
+                    gone.append(key)
+        for i in sorted(gone, reverse=True):
+            conn, _, fds = self.waiting.pop(i)
+            conn.close()
+            for fd in fds:
+                os.close(fd)
+        self.launch_ready()
+        self.reap()
+        return True
+
+    def receive(self) -> None:
+        conn, _ = self.listener.accept()
+        try:
+            header, fds, _, _ = socket.recv_fds(conn, _HEADER.size, 3)
+            (size,) = _HEADER.unpack(header)
+            body = b""
+            while len(body) < size:
+                chunk = conn.recv(size - len(body))
+                if not chunk:
+                    raise ConnectionError("request cut short")
+                body += chunk
+            request = json.loads(body)
+        except (OSError, ValueError, struct.error):
+            conn.close()
+            return
+        self.waiting.append((conn, request, fds))
+
+    def launch_ready(self) -> None:
+        for item in [w for w in self.waiting if self.needs(w[1]["module"]) <= self.loaded]:
+            self.waiting.remove(item)
+            self.fork(*item)
+
+    def fork(self, conn: socket.socket, request: dict, fds: list[int]) -> None:
+        pid = os.fork()
+        if pid == 0:
+            self.listener.close()
+            for other in [*self.children.values(), *(c for c, _, _ in self.waiting), conn]:
+                other.close()
+            _run_child(request, fds)  # never returns
+        for fd in fds:
+            os.close(fd)
+        self.children[pid] = conn
+
+    def reap(self) -> None:
+        for pid in list(self.children):
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                conn = self.children.pop(pid)
+                try:
+                    conn.sendall(str(os.waitstatus_to_exitcode(status)).encode())
+                except OSError:
+                    pass
+                conn.close()
+
+    def stop(self) -> None:
+        for conn, _, fds in self.waiting:
+            conn.close()
+            for fd in fds:
+                os.close(fd)
+        self.waiting.clear()
+        for pid in list(self.children):
+            self._signal(pid, signal.SIGTERM)
+        for pid in list(self.children):
+            os.waitpid(pid, 0)
+            self.children.pop(pid).close()
+        self.listener.close()
+
+    @staticmethod
+    def _signal(pid: int, sig: int) -> None:
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
+
+
+def _run_child(request: dict, fds: list[int]) -> None:
+    """In the forked child: become `python -m <module>` for the command, run it, exit with its status."""
+    import atexit
+    import io
+    import runpy
+    import traceback
+
+    code = 1
+    try:
+        for fd, target in zip(fds, (0, 1, 2)):
+            os.dup2(fd, target)
+            os.close(fd)
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # as in any interpreter (the host ignores it)
+        sys.stdin = io.TextIOWrapper(io.FileIO(0, "r", closefd=False))
+        sys.stdout = io.TextIOWrapper(io.FileIO(1, "w", closefd=False), line_buffering=os.isatty(1))
+        sys.stderr = io.TextIOWrapper(io.FileIO(2, "w", closefd=False), line_buffering=True,
+                                      errors="backslashreplace")
+        os.chdir(request["cwd"])
+        os.environ.clear()
+        os.environ.update(request["env"])
+        os.environ.pop(ENV, None)  # a stage's own subprocesses are ordinary processes
+        for name in [m for m in sys.modules if m.split(".")[0] in {"tasks", "flows"}]:
+            del sys.modules[name]  # the command's code, from its working folder
+        sys.path[0] = request["cwd"]
+        sys.argv = [request["module"], *request["argv"]]
+        code = 0
+        try:
+            runpy.run_module(request["module"], run_name="__main__", alter_sys=True)
+        except SystemExit as exc:
+            code = _exit_code(exc.code)
+        except KeyboardInterrupt:
+            traceback.print_exc()
+            code = 128 + signal.SIGINT
+        except BaseException:  # noqa: BLE001
+            traceback.print_exc()
+            code = 1
+        atexit._run_exitfuncs()
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except Exception:  # noqa: BLE001
+                pass
+        os._exit(code)
+
+
+def _exit_code(value: object) -> int:
+    """What the interpreter would exit with for SystemExit(value)."""
+    if value is None:
+        return 0
+    if isinstance(value, int):
+        return value
+    print(value, file=sys.stderr)
+    return 1
+
+
+def main() -> None:
+    """`python -m tasks.stagehost FD [MODULE,MODULE...]`, started by serving() with the listening socket as FD:
+    runs until its stdin closes."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the stages (same process group); the run
+    preload = tuple(filter(None, sys.argv[2].split(","))) if len(sys.argv) > 2 else PRELOAD
+    host = Host(socket.socket(fileno=int(sys.argv[1])), preload)  # stops the host by closing its stdin
+    try:
+        host.serve()
+    finally:
+        host.listener.close()
+
+
+if __name__ == "__main__":
+    main()
