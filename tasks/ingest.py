@@ -374,6 +374,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    from tasks.stagehost import run_main
-
-    run_main("tasks.ingest", main)
+    main()  # not through the stage host (tasks/stagehost.py): ingest imports nothing heavy

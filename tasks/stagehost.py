@@ -33,7 +33,7 @@ PRELOAD = ("numpy", "PIL.Image", "pandas", "great_expectations", "mlflow", "mlfl
            "onnxruntime", "matplotlib.figure")
 
 # What a stage waits for before it is forked (the last PRELOAD entry it uses); unlisted: the whole list.
-READY_AFTER = {"tasks.ingest": None, "tasks.validate": "great_expectations", "tasks.split": "great_expectations",
+READY_AFTER = {"tasks.validate": "great_expectations", "tasks.split": "great_expectations",
                "tasks.tracking": "mlflow.store.tracking.sqlalchemy_store"}
 
 _HEADER = struct.Struct("!I")
@@ -172,7 +172,7 @@ class Host:
             pass
 
     def needs(self, module: str) -> int:
-        """How much of the preload list a stage waits for: ingest nothing, validate and split up to Great
+        """How much of the preload list a stage waits for: validate and split up to Great
         Expectations, the rest all of it (importing a library twice, in the host and in a child that did not
         wait, costs more than the wait: each import is CPU-bound)."""
         last = READY_AFTER.get(module, self.preload[-1] if self.preload else None)

@@ -150,7 +150,6 @@ def test_each_stage_waits_only_for_the_libraries_it_uses():
 
     with socket.socket(socket.AF_UNIX) as listener:
         host = stagehost.Host(listener, preload=("numpy", "great_expectations", "torch", "mlflow"))
-        assert host.needs("tasks.ingest") == 0
         assert host.needs("tasks.validate") == host.needs("tasks.split") == 2
         assert host.needs("tasks.train") == host.needs("tasks.evaluate") == host.needs("anything.else") == 4
         assert stagehost.Host(listener, preload=()).needs("tasks.train") == 0
