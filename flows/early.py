@@ -48,13 +48,13 @@ def run_stage(root: str, stage: str) -> list[str]:
 
 
 class WhileStageRuns:
-    """fn() in a background thread once DVC starts `stage`'s command (its "Running stage" log line), when this
-    process only waits for that command; never, if the stage turns out to be up to date (cancel()).
+    """fn() in a background thread once DVC starts `stage`'s command (any stage's, for None: its "Running stage"
+    log line), when this process only waits for that command; never, if no such command starts (cancel()).
 
     For work this process needs later that would otherwise compete, for this process's GIL, with DVC's own
-    hashing before and after the command."""
+    hashing before and after the command, or that only a run that changes something needs."""
 
-    def __init__(self, stage: str, fn: Callable[[], Any]) -> None:
+    def __init__(self, stage: str | None, fn: Callable[[], Any]) -> None:
         import logging
 
         self.stage, self.fn = stage, fn
@@ -66,7 +66,7 @@ class WhileStageRuns:
         self.thread.start()
 
     def _record(self, record: Any) -> None:
-        if record.msg == "Running stage '%s':" and record.args and record.args[0] == self.stage:
+        if record.msg == "Running stage '%s':" and record.args and self.stage in (None, record.args[0]):
             self.started.set()
 
     def _run(self) -> None:
@@ -86,6 +86,32 @@ class WhileStageRuns:
         if not self.started.is_set():
             self.cancelled = True
             self.started.set()
+
+    def finish(self) -> None:
+        """cancel(), then wait for fn if it started."""
+        self.cancel()
+        self.thread.join()
+
+
+@contextmanager
+def host_started_by_dvc(host: Any) -> Iterator[None]:
+    """Start the stage host (tasks/stagehost.py) when DVC is about to run a stage's command. In DVC's own
+    thread, before the command starts, so its socket is there when the command looks; a run in which nothing
+    changes never pays the host's imports."""
+    import logging
+
+    class Hook(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if record.msg == "Running stage '%s':":
+                host.start()
+
+    hook = Hook()
+    if host is not None:
+        logging.getLogger("dvc").addHandler(hook)
+    try:
+        yield
+    finally:
+        logging.getLogger("dvc").removeHandler(hook)
 
 
 @contextmanager
@@ -183,7 +209,8 @@ def run_early_stages(root: Path, server: "PrefectStart", overrides: dict[str, An
         except RunBusy:
             return done  # the flow waits for the lock (or refuses) and reports it, as without an early start
         stack.enter_context(overridden(root / "params.yaml", overrides))
-        store = open_mlflow_store(root)
+        # Only a run that changes something needs the store: create it once a stage's command starts.
+        store = WhileStageRuns(None, lambda: open_mlflow_store(root).wait())
         for stage in EARLY_STAGES:
             if server.ready:
                 break
@@ -191,8 +218,16 @@ def run_early_stages(root: Path, server: "PrefectStart", overrides: dict[str, An
                 done[stage] = run_stage(str(root), stage)
             except Exception:  # noqa: BLE001
                 break
-        store.wait()
+        store.finish()
     return done
+
+
+def import_mlflow() -> None:
+    """MLflow's modules, imported ahead of need (~2 s); the store itself is not opened (a stage may be creating
+    it)."""
+    import importlib
+
+    importlib.import_module("mlflow.store.tracking.sqlalchemy_store")
 
 
 def open_mlflow_store(root: Path) -> "subprocess.Popen[bytes]":
@@ -215,12 +250,15 @@ def run_retrain(*, overrides: dict[str, Any] | None = None, allow_promotion: boo
     from tasks.stagehost import serving
 
     root = project_root(Path(project_dir) if project_dir else None)
-    with serving(root):  # stage commands run in warm, preloaded processes (tasks/stagehost.py)
+    # stage commands run in warm, preloaded processes (tasks/stagehost.py), once one has to run
+    with serving(root, start=False) as host, host_started_by_dvc(host):
         prefect = PrefectStart()
         early: dict[str, list[str]] = {}
         try:
             if not os.environ.get("PREFECT_API_URL"):
                 early = run_early_stages(root, prefect, overrides or {})
+            if not any(early.values()):  # nothing ran yet (maybe nothing will): register comes soon and needs
+                threading.Thread(target=import_mlflow, name="import-mlflow", daemon=True).start()  # MLflow
         finally:
             prefect.wait()
         from flows.retrain import retrain

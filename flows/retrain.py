@@ -13,9 +13,10 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 
 import tasks  # noqa: F401  (telemetry off)
-from flows.early import RunFailed, WhileStageRuns, _quiet_dvc, _stage_env, overridden, run_lock, run_stage
+from flows.early import (RunFailed, WhileStageRuns, _quiet_dvc, _stage_env, host_started_by_dvc, import_mlflow,
+                         overridden, run_lock, run_stage)
 from tasks.config import load_params, project_root, source_overrides, write_resolved
-from tasks.stagehost import serving
+from tasks.stagehost import serving, start_current
 
 STAGES = ("ingest", "validate", "split", "train", "evaluate")
 STAGE_TIMEOUT_S = {"ingest": 3600, "validate": 3600, "split": 600, "train": 24 * 3600, "evaluate": 3600}
@@ -243,7 +244,8 @@ def retrain(overrides: dict[str, Any] | None = None, source: str | None = None, 
     overrides = {**(source_overrides(source) if source else {}), **(overrides or {})}
     started = time.time()
     wait_s = load_params(root / "params.yaml").schedule.wait_for_lock_s
-    with run_lock(root, wait_s), overridden(root / "params.yaml", overrides) as params_state, serving(root):
+    with run_lock(root, wait_s), overridden(root / "params.yaml", overrides) as params_state, \
+            serving(root, start=False) as host, host_started_by_dvc(host):
         params = load_params(root / "params.yaml")
         ran: list[str] = []
         swept = None
@@ -252,8 +254,9 @@ def retrain(overrides: dict[str, Any] | None = None, source: str | None = None, 
             from tasks.config import read_raw
 
             sweep = validate_sweep(sweep, read_raw(root / "params.yaml"))
-        # register, gate and promote need MLflow (~2 s to import and open): load it while train's command runs
-        warm = None if sweep else WhileStageRuns("train", lambda: _client(root))
+        # register, gate and promote need MLflow (~2 s of imports): import it while train's command runs (not
+        # opening the store: train may be creating it)
+        warm = None if sweep else WhileStageRuns("train", import_mlflow)
         try:
             for stage in (STAGES[:3] if sweep else STAGES):
                 stage_task = task(run_stage, name=stage, timeout_seconds=STAGE_TIMEOUT_S[stage],
@@ -270,6 +273,7 @@ def retrain(overrides: dict[str, Any] | None = None, source: str | None = None, 
             if warm:
                 warm.cancel()
         if sweep:
+            start_current()  # the experiments' stages run in other processes' DVC: start the host for them now
             swept = run_sweep(root, sweep, logger)
             params_state["keep"] = True  # the winner, as applied, is the workspace's state now
             params = load_params(root / "params.yaml")

@@ -102,43 +102,87 @@ def _recv_all(conn: socket.socket) -> bytes:
 # ------------------------------------------------------------------------------------------------- the host
 
 
-@contextmanager
-def serving(root: Path, preload: tuple[str, ...] = PRELOAD) -> Iterator[str | None]:
-    """Start a host for this run's stage commands (ENV is set for them) and stop it afterwards.
+class StageHost:
+    """This run's host process, started on demand (start(): idempotent, thread-safe) and stopped by stop().
 
-    Yields the socket path, or None when warm stages are off, unavailable or already served by an outer run."""
-    import subprocess
-    import tempfile
+    Until it starts, its socket does not exist and a command runs its stage itself."""
+
+    def __init__(self, root: Path, preload: tuple[str, ...] = PRELOAD) -> None:
+        import tempfile
+        import threading
+
+        self.root, self.preload = root, preload
+        self.folder = tempfile.mkdtemp(prefix="imgclf-host-")  # private (0700); a socket path is <= 107 bytes
+        self.path = os.path.join(self.folder, "host.sock")
+        self.process: "subprocess.Popen[bytes] | None" = None
+        self._lock = threading.Lock()
+
+    def start(self) -> None:
+        import subprocess
+
+        with self._lock:
+            if self.process is not None:
+                return
+            # Listening before the host process runs: a command connecting now waits in the backlog. Only the
+            # host keeps the socket open, so once it is gone a command is refused and runs its stage itself.
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
+                listener.bind(self.path)
+                listener.listen(64)
+                self.process = subprocess.Popen(
+                    [sys.executable, "-m", "tasks.stagehost", str(listener.fileno()), ",".join(self.preload)],
+                    cwd=str(self.root), stdin=subprocess.PIPE, pass_fds=[listener.fileno()])
+
+    def stop(self) -> None:
+        import subprocess
+
+        with self._lock:
+            if self.process is not None:
+                self.process.stdin.close()  # the host stops (and ends any stage still running) on EOF
+                try:
+                    self.process.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    self.process.kill()
+                    self.process.wait()
+            for leftover in (self.path, self.folder):
+                try:
+                    (os.unlink if leftover == self.path else os.rmdir)(leftover)
+                except OSError:
+                    pass
+
+
+_current: StageHost | None = None
+
+
+@contextmanager
+def serving(root: Path, preload: tuple[str, ...] = PRELOAD, *, start: bool = True) -> Iterator[StageHost | None]:
+    """A host for this run's stage commands (ENV is set for them), stopped afterwards; with start=False it
+    starts only when start() or start_current() is called (a run in which nothing changes never pays its
+    imports).
+
+    Yields it, or None when warm stages are off, unavailable or already served by an outer run."""
+    global _current
 
     if not enabled() or os.environ.get(ENV):
         yield None
         return
-    folder = tempfile.mkdtemp(prefix="imgclf-host-")  # short: a socket path is at most 107 bytes
-    path = os.path.join(folder, "host.sock")
-    # Listening before the host has started: a command connecting early waits in the backlog. Only the host
-    # keeps the socket open, so once it is gone a command is refused and runs its stage itself.
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
-        listener.bind(path)
-        listener.listen(64)
-        host = subprocess.Popen([sys.executable, "-m", "tasks.stagehost", str(listener.fileno()),
-                                 ",".join(preload)], cwd=str(root), stdin=subprocess.PIPE,
-                                pass_fds=[listener.fileno()])
-    os.environ[ENV] = path
+    host = StageHost(root, preload)
+    if start:
+        host.start()
+    os.environ[ENV] = host.path
+    _current = host
     try:
-        yield path
+        yield host
     finally:
+        _current = None
         os.environ.pop(ENV, None)
-        host.stdin.close()  # the host stops (and ends any stage still running) when this pipe closes
-        try:
-            host.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            host.kill()
-            host.wait()
-        for leftover in (path, folder):
-            try:
-                (os.unlink if leftover == path else os.rmdir)(leftover)
-            except OSError:
-                pass
+        host.stop()
+
+
+def start_current() -> None:
+    """Start the host of the run in progress in this process, if there is one and it has not started yet."""
+    host = _current
+    if host is not None:
+        host.start()
 
 
 class Host:

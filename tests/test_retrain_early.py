@@ -69,12 +69,35 @@ def test_early_stages_run_under_the_lock_and_overrides_until_the_server_is_up(pr
         pass
 
 
-def test_the_mlflow_store_is_opened_beside_the_early_stages_and_awaited(project, monkeypatch):
-    store, order = Opened(), []
-    monkeypatch.setattr(early, "open_mlflow_store", lambda root: order.append("store") or store)
-    monkeypatch.setattr(early, "run_stage", lambda root, stage: order.append(stage) or [stage])
-    assert early.run_early_stages(project, FakeServer(after=10), {}) == {s: [s] for s in early.EARLY_STAGES}
-    assert order == ["store", *early.EARLY_STAGES] and store.waited  # the flow's train finds the store made
+@pytest.mark.parametrize("runs", [True, False])
+def test_the_mlflow_store_is_created_once_a_stage_runs_and_awaited(project, monkeypatch, runs):
+    """Only a run that changes something needs the store; the early phase ends with it created."""
+    import logging
+    import time
+
+    import dvc.repo  # noqa: F401  (DVC's logging set up, as in a run)
+
+    order: list[str] = []
+
+    class Slow(Opened):
+        def wait(self) -> int:
+            time.sleep(0.3)
+            order.append("store ready")
+            return super().wait()
+
+    def fake_stage(root: str, stage: str) -> list[str]:
+        if runs and stage == "validate":  # DVC starts validate's command; ingest was up to date
+            logging.getLogger("dvc.stage.run").info("Running stage '%s':", stage)
+        order.append(stage)
+        return [stage] if runs and stage == "validate" else []
+
+    monkeypatch.setattr(early, "open_mlflow_store", lambda root: order.append("store") or Slow())
+    monkeypatch.setattr(early, "run_stage", fake_stage)
+    early.run_early_stages(project, FakeServer(after=10), {})
+    if runs:
+        assert order.index("store") > order.index("ingest") and order[-1] == "store ready"
+    else:
+        assert order == list(early.EARLY_STAGES)
 
 
 def test_a_failing_early_stage_is_left_to_the_flow(project, monkeypatch):
@@ -199,3 +222,28 @@ def test_work_waits_for_the_stage_command_to_start(monkeypatch):
     warm.thread.join(10)
     dvc_log.info("Running stage '%s':", "train")
     assert not warm.thread.is_alive() and not skipped.is_set()
+
+
+def test_the_stage_host_starts_when_dvc_runs_a_stage_command():
+    """A run in which nothing changes never starts the host (its imports cost seconds of CPU); the first stage
+    command DVC runs starts it, in DVC's thread, before the command exists."""
+    import logging
+
+    import dvc.repo  # noqa: F401  (DVC's logging set up, as in a run)
+
+    class Host:
+        starts = 0
+
+        def start(self) -> None:
+            self.starts += 1
+
+    host, dvc_log = Host(), logging.getLogger("dvc.stage.run")
+    with early.host_started_by_dvc(host):
+        dvc_log.info("Stage '%s' didn't change, skipping", "ingest")
+        assert host.starts == 0
+        dvc_log.info("Running stage '%s':", "validate")
+        assert host.starts == 1  # synchronously
+    dvc_log.info("Running stage '%s':", "train")
+    assert host.starts == 1  # the run is over
+    with early.host_started_by_dvc(None):  # warm stages off
+        dvc_log.info("Running stage '%s':", "train")

@@ -64,8 +64,9 @@ def pids(workdir: Path) -> tuple[int, int]:
 
 
 def test_a_command_runs_in_a_child_of_the_host_as_if_run_itself(workdir):
-    with stagehost.serving(workdir, preload=()) as path:
-        assert path and os.environ[stagehost.ENV] == path
+    with stagehost.serving(workdir, preload=()) as host:
+        path = host.path
+        assert os.environ[stagehost.ENV] == path
         (ok, client), (failed, _), (raised, _) = (command(workdir, "0", "--flag"), command(workdir, "3"),
                                                   command(workdir, "raise"))
     assert ok.returncode == 0 and failed.returncode == 3 and raised.returncode == 1
@@ -123,17 +124,29 @@ def test_a_command_without_stdin_runs_the_stage_itself(workdir):
     assert proc.returncode == 5 and out.startswith("out") and pids(workdir)[0] == proc.pid
 
 
+def test_a_host_started_on_demand_serves_only_once_started(workdir):
+    with stagehost.serving(workdir, preload=(), start=False) as host:
+        _, client = command(workdir, "0")
+        assert pids(workdir)[0] == client and not Path(host.path).exists()  # not started: ran in place
+        stagehost.start_current()
+        stagehost.start_current()  # once
+        _, client = command(workdir, "0")
+        assert pids(workdir)[0] != client and pids(workdir)[1] == host.process.pid
+    stagehost.start_current()  # no run in progress: nothing
+    assert host.process.poll() is not None and not Path(host.folder).exists()
+
+
 @pytest.mark.parametrize("value", ["0", "off", "false"])
 def test_warm_stages_can_be_switched_off(workdir, monkeypatch, value):
     monkeypatch.setenv(stagehost.SWITCH, value)
-    with stagehost.serving(workdir, preload=()) as path:
-        assert path is None and stagehost.ENV not in os.environ
+    with stagehost.serving(workdir, preload=()) as host:
+        assert host is None and stagehost.ENV not in os.environ
 
 
 def test_an_outer_run_host_is_reused(workdir, monkeypatch):
     monkeypatch.setenv(stagehost.ENV, "/tmp/outer.sock")
-    with stagehost.serving(workdir, preload=()) as path:
-        assert path is None and os.environ[stagehost.ENV] == "/tmp/outer.sock"
+    with stagehost.serving(workdir, preload=()) as host:
+        assert host is None and os.environ[stagehost.ENV] == "/tmp/outer.sock"
 
 
 def test_stages_wait_for_the_preload_they_need(workdir):
