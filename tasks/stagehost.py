@@ -195,11 +195,19 @@ class Host:
         self.loaded = 0  # how many of `preload` have been imported (or failed to)
         self.waiting: list[tuple[socket.socket, dict, list[int]]] = []  # requests not forked yet
         self.children: dict[int, socket.socket] = {}  # pid -> the command's connection
+        self.wake_r: int | None = None
+        self.wake_w: int | None = None
 
     def serve(self) -> None:
         """Import the preload list between requests, then serve until stdin (the run's pipe) closes."""
         import importlib
 
+        # A stage's end wakes the loop at once (its status goes straight back to the command): SIGCHLD writes
+        # to this pipe, which the loop watches.
+        self.wake_r, self.wake_w = os.pipe()
+        os.set_blocking(self.wake_w, False)
+        signal.signal(signal.SIGCHLD, lambda *_: None)
+        signal.set_wakeup_fd(self.wake_w)
         for name in self.preload:
             # Imports are CPU-bound: none while a stage runs (the stage is the run's critical path).
             if not self.step(timeout=0):
@@ -227,10 +235,13 @@ class Host:
         watched = {c.fileno(): ("child", pid) for pid, c in self.children.items()}
         watched.update({c.fileno(): ("waiting", i) for i, (c, _, _) in enumerate(self.waiting)})
         conns = [*self.children.values(), *(c for c, _, _ in self.waiting)]
-        readable, _, _ = select.select([self.listener, sys.stdin, *conns], [], [], timeout)
+        wake = [self.wake_r] if self.wake_r is not None else []
+        readable, _, _ = select.select([self.listener, sys.stdin, *wake, *conns], [], [], timeout)
         gone: list[int] = []
         for item in readable:
-            if item is sys.stdin:
+            if item == self.wake_r:
+                os.read(self.wake_r, 4096)
+            elif item is sys.stdin:
                 if not os.read(0, 4096):
                     self.stop()
                     return False
@@ -276,6 +287,11 @@ class Host:
     def fork(self, conn: socket.socket, request: dict, fds: list[int]) -> None:
         pid = os.fork()
         if pid == 0:
+            if self.wake_r is not None:
+                signal.set_wakeup_fd(-1)
+                signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+                os.close(self.wake_r)
+                os.close(self.wake_w)
             self.listener.close()
             for other in [*self.children.values(), *(c for c, _, _ in self.waiting), conn]:
                 other.close()
