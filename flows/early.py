@@ -47,6 +47,11 @@ def run_stage(root: str, stage: str) -> list[str]:
     return [s.addressing for s in ran]
 
 
+def starts_stage(record: Any, stage: str | None = None) -> bool:
+    """A DVC log record saying it is about to run `stage`'s command (any stage's, for None)."""
+    return record.msg == "Running stage '%s':" and bool(record.args) and stage in (None, record.args[0])
+
+
 class WhileStageRuns:
     """fn() in a background thread once DVC starts `stage`'s command (any stage's, for None: its "Running stage"
     log line), when this process only waits for that command; never, if no such command starts (cancel()).
@@ -66,7 +71,7 @@ class WhileStageRuns:
         self.thread.start()
 
     def _record(self, record: Any) -> None:
-        if record.msg == "Running stage '%s':" and record.args and self.stage in (None, record.args[0]):
+        if starts_stage(record, self.stage):
             self.started.set()
 
     def _run(self) -> None:
@@ -102,7 +107,7 @@ def host_started_by_dvc(host: Any) -> Iterator[None]:
 
     class Hook(logging.Handler):
         def emit(self, record: logging.LogRecord) -> None:
-            if record.msg == "Running stage '%s':":
+            if starts_stage(record):
                 host.start()
 
     hook = Hook()

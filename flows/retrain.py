@@ -262,8 +262,6 @@ def retrain(overrides: dict[str, Any] | None = None, source: str | None = None, 
                 stage_task = task(run_stage, name=stage, timeout_seconds=STAGE_TIMEOUT_S[stage],
                                   retries=2 if stage == "ingest" else 0, retry_delay_seconds=10)
                 did = stage_task(str(root), stage)  # DVC re-checks a stage that ran early: a no-op unless changed
-                if warm and stage == "train":
-                    warm.cancel()
                 early = (ran_early or {}).get(stage, [])
                 did = early + [s for s in did if s not in early]
                 logger.info("%s: %s", stage, ("ran" if did else "up to date")
@@ -271,7 +269,7 @@ def retrain(overrides: dict[str, Any] | None = None, source: str | None = None, 
                 ran += did
         finally:
             if warm:
-                warm.cancel()
+                warm.cancel()  # train's command never started: nothing to import ahead
         if sweep:
             start_current()  # the experiments' stages run in other processes' DVC: start the host for them now
             swept = run_sweep(root, sweep, logger)
