@@ -169,13 +169,13 @@ class RunFailed(RuntimeError):
 
 
 class PrefectStart:
-    """Prefect and the flow, imported in a background thread (~2 s of imports), and, when the flow will use
-    Prefect's temporary API server (no PREFECT_API_URL), that server started there too (seconds more).
+    """Prefect and the flow, imported in a background thread (~1 s of imports), and, when the flow would use
+    Prefect's temporary API server (no PREFECT_API_URL), that server started there too (seconds more), by
+    flows/temporary_server.py: the same server command Prefect runs, without importing the server here. Once
+    it answers, this process's Prefect settings point at it, so the flow's client finds an API URL.
 
-    The server is the same process-wide instance the flow's client uses (SubprocessASGIServer is one per
-    port), so once `wait()` returns the flow finds it running. Join before any Prefect API call: while a start
-    is in progress the instance already reports itself running. A failed import or start is left for the
-    flow to raise (and report) again, in context."""
+    Join (`wait()`) before any Prefect API call. A failed import or start is left for the flow to raise (and
+    report) again, in context."""
 
     def __init__(self) -> None:
         self.error: BaseException | None = None
@@ -187,9 +187,9 @@ class PrefectStart:
             from flows.retrain import temporary_api
 
             if temporary_api():
-                from prefect.server.api.server import SubprocessASGIServer
+                from flows.temporary_server import ensure_started
 
-                SubprocessASGIServer().start()
+                ensure_started()
         except BaseException as exc:  # noqa: BLE001
             self.error = exc
 
@@ -254,13 +254,16 @@ def run_retrain(*, overrides: dict[str, Any] | None = None, allow_promotion: boo
     With PREFECT_API_URL in the environment (a real server), nothing runs early: the flow runs every stage."""
     from tasks.stagehost import serving
 
+    from flows.temporary_server import started_here
+
     root = project_root(Path(project_dir) if project_dir else None)
+    configured_server = None if started_here() else os.environ.get("PREFECT_API_URL") or None
     # stage commands run in warm, preloaded processes (tasks/stagehost.py), once one has to run
     with serving(root, start=False) as host, host_started_by_dvc(host):
         prefect = PrefectStart()
         early: dict[str, list[str]] = {}
         try:
-            if not os.environ.get("PREFECT_API_URL"):
+            if configured_server is None:
                 early = run_early_stages(root, prefect, overrides or {})
             if not any(early.values()):  # nothing ran yet (maybe nothing will): register comes soon and needs
                 threading.Thread(target=import_mlflow, name="import-mlflow", daemon=True).start()  # MLflow

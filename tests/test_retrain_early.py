@@ -11,6 +11,7 @@ import pytest
 
 import flows.early as early
 import flows.retrain as rt
+import flows.temporary_server as ts
 
 
 class FakeServer:
@@ -154,6 +155,25 @@ def test_run_retrain_starts_early_unless_a_server_is_configured(project, monkeyp
         assert "ran_early" not in call and server.checks == 0
     else:
         assert call["ran_early"] == {"ingest": ["ingest"]}
+
+
+def test_a_run_after_one_that_started_the_server_still_runs_stages_early(project, monkeypatch, request):
+    """The URL this process set for its own temporary server is not a configured server."""
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    request.addfinalizer(ts.stop)
+    import tasks.sweep
+    from test_temporary_server import HEALTH, spawner
+
+    monkeypatch.setattr(ts.TemporaryServer, "_spawn", spawner(HEALTH))
+    ts.ensure_started()
+    flow = FakeFlow()
+    monkeypatch.setattr(rt, "retrain", flow)
+    monkeypatch.setattr(early, "PrefectStart", lambda: FakeServer(after=1))
+    monkeypatch.setattr(tasks.sweep, "resolve_task_runner", lambda name, n: name)
+    monkeypatch.setattr(early, "run_stage", lambda root, stage: [stage])
+    monkeypatch.setattr(early, "open_mlflow_store", lambda root: Opened())
+    early.run_retrain(project_dir=str(project))
+    assert flow.calls[0]["ran_early"] == {"ingest": ["ingest"]}
 
 
 def test_prefect_start_imports_the_flow_in_the_background(monkeypatch):
