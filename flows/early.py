@@ -249,7 +249,7 @@ def run_retrain(*, overrides: dict[str, Any] | None = None, allow_promotion: boo
                 project_dir: str | None = None, sweep: list[dict[str, Any]] | None = None,
                 task_runner: str = "thread", max_parallel: int | None = None) -> dict[str, Any]:
     """`imgclf run`: the retrain flow, with Prefect's imports and its temporary server's start hidden behind
-    the first stages (they run through DVC meanwhile; the flow still runs each as a task, DVC re-checks it).
+    the first stages (they run through DVC meanwhile; the flow still has a task for each, reporting DVC's outcome).
 
     With PREFECT_API_URL in the environment (a real server), nothing runs early: the flow runs every stage."""
     from tasks.stagehost import serving

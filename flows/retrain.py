@@ -222,6 +222,11 @@ def _publish(root: Path, summary: dict[str, Any]) -> None:
         create_table_artifact(rows, key="per-class-metrics", description="test split, per class")
 
 
+def checked_early(stage: str, did: list[str]) -> list[str]:
+    """A stage's task when DVC already handled it before the flow started (flows/early.py): its outcome."""
+    return did
+
+
 def temporary_api() -> bool:
     """True when a flow started here would start Prefect's temporary API server (no PREFECT_API_URL)."""
     from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_ENABLED
@@ -237,8 +242,9 @@ def retrain(overrides: dict[str, Any] | None = None, source: str | None = None, 
 
     With `sweep` (a list of override dicts), train+evaluate run once per candidate as DVC experiments
     and the best by validation accuracy is applied to the workspace before registering. `ran_early`
-    ({stage: stages DVC ran}) is what flows/early.run_retrain ran before the flow started; those stages are still
-    tasks here (DVC re-checks them) and count as run."""
+    ({stage: stages DVC ran}) is what flows/early.run_retrain had DVC run (or find up to date) for this run
+    before the flow started; those stages are still tasks here, reporting that outcome without asking DVC again
+    (the stages after them check their own dependencies, so the run stays consistent with dvc.lock)."""
     logger = get_run_logger()
     root = project_root(Path(project_dir) if project_dir else None)
     overrides = {**(source_overrides(source) if source else {}), **(overrides or {})}
@@ -259,13 +265,14 @@ def retrain(overrides: dict[str, Any] | None = None, source: str | None = None, 
         warm = None if sweep else WhileStageRuns("train", import_mlflow)
         try:
             for stage in (STAGES[:3] if sweep else STAGES):
-                stage_task = task(run_stage, name=stage, timeout_seconds=STAGE_TIMEOUT_S[stage],
-                                  retries=2 if stage == "ingest" else 0, retry_delay_seconds=10)
-                did = stage_task(str(root), stage)  # DVC re-checks a stage that ran early: a no-op unless changed
-                early = (ran_early or {}).get(stage, [])
-                did = early + [s for s in did if s not in early]
+                if stage in (ran_early or {}):  # DVC already ran (or found up to date) this stage for this run
+                    did = task(checked_early, name=stage)(stage, ran_early[stage])
+                else:
+                    stage_task = task(run_stage, name=stage, timeout_seconds=STAGE_TIMEOUT_S[stage],
+                                      retries=2 if stage == "ingest" else 0, retry_delay_seconds=10)
+                    did = stage_task(str(root), stage)
                 logger.info("%s: %s", stage, ("ran" if did else "up to date")
-                            + (" (through DVC while Prefect started)" if early else ""))
+                            + (" (through DVC while Prefect started)" if stage in (ran_early or {}) else ""))
                 ran += did
         finally:
             if warm:
