@@ -2,7 +2,9 @@
 same model on the same images for the same epochs with the same seed. One JSON line, bench/results/.
 
 Prefect's database (created once per PREFECT_HOME, by the first run on a machine) is created before timing and
-reported on its own as prefect_db_create_s.
+reported on its own as prefect_db_create_s. `imgclf run` is timed twice, on two identical fresh copies: as it runs
+out of the box (Prefect's temporary API server, started by the run) and against a Prefect server that is already
+running (`prefect server start`, PREFECT_API_URL), as scheduled deployments run (server_*; not in the target).
 
     python bench/e2e_overhead.py [--images 5000] [--epochs 3]
 """
@@ -12,7 +14,10 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import subprocess
 import sys
+import time
+from contextlib import contextmanager
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -49,6 +54,28 @@ print(acc)
 '''
 
 
+@contextmanager
+def prefect_server(cwd: Path, e: dict[str, str]):
+    """A running `prefect server start` on a free port (its start is not timed); yields its API URL."""
+    sys.path.insert(0, str(cwd))
+    from flows.temporary_server import free_port, healthy
+
+    port = free_port(range(4200, 4300))
+    url = f"http://127.0.0.1:{port}/api"
+    proc = subprocess.Popen([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+                            cwd=cwd, env=e, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while not healthy(url):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("prefect server start did not come up")
+            time.sleep(0.2)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--images", type=int, default=5000)
@@ -58,15 +85,21 @@ def main() -> None:
     # Prefect's own database under PREFECT_HOME exists on every machine after its first run (a scheduled
     # retrain never pays this); timed on its own, so a first-ever run is pipeline_s + prefect_db_create_s.
     db_create = timed([str(BIN / "prefect"), "server", "database", "upgrade", "-y"], project, e)
+    twin = tmp / "project-server"
+    shutil.copytree(project, twin, symlinks=True)
     (tmp / "bare.py").write_text(BARE)
     bare = timed([sys.executable, str(tmp / "bare.py"), str(data), str(args.epochs), str(project)], tmp, e)
     pipeline = timed([str(BIN / "imgclf"), "run"], project, e)
     overhead = pipeline - bare
+    with prefect_server(twin, e) as url:
+        server = timed([str(BIN / "imgclf"), "run"], twin, {**e, "PYTHONPATH": str(twin), "PREFECT_API_URL": url})
     accuracy = json.loads((project / "reports/metrics.json").read_text())["accuracy"]
     write_result("e2e_overhead", {
         "images": args.images, "epochs": args.epochs, "pipeline_s": round(pipeline, 1), "bare_s": round(bare, 1),
         "overhead_s": round(overhead, 1), "ratio": round(pipeline / bare, 2), "pipeline_test_accuracy": accuracy,
         "prefect_db_create_s": round(db_create, 1),
+        "server_pipeline_s": round(server, 1), "server_overhead_s": round(server - bare, 1),
+        "server_ratio": round(server / bare, 2),
         "target": "overhead < 15 s + 5% of the bare run", "within_target": overhead < 15 + 0.05 * bare,
     })
     shutil.rmtree(tmp, ignore_errors=True)
