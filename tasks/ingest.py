@@ -29,6 +29,8 @@ SPLIT_NAMES = ("train", "val", "test")
 Layout = Literal["classes", "presplit"]
 _MAX_LISTED_IGNORED = 50
 _HASH_WHILE_COPYING = 16 << 20  # files up to this size are read once: copied and hashed together
+COPY_THREADS = 4  # file copies in flight at once (see transfer_all)
+COPY_CHUNK = 256  # files per thread task
 
 
 class IngestError(RuntimeError):
@@ -62,6 +64,7 @@ class _Report:
     ignored: list[str] = field(default_factory=list)
     renamed: list[dict[str, str]] = field(default_factory=list)
     made: set[str] = field(default_factory=set)  # folders already created under dest
+    planned: set[str] = field(default_factory=set)  # target paths already given to a file
     digests: dict[str, str] = field(default_factory=dict)  # sha256 of files hashed while copying, by target path
 
     def reject(self, path: str, reason: str, label: str = "") -> None:
@@ -137,11 +140,13 @@ def _place(dest: Path, parts: list[str], report: _Report, original: str) -> str 
     """dest/<parts> with every part valid UTF-8; a renamed part is recorded, a clash is rejected."""
     safe = [safe_name(p) for p in parts]
     target = os.path.join(dest, *safe)
+    if target in report.planned:  # files are copied after all are placed: the plan, not the disk, says what is taken
+        why = "name is not valid UTF-8 and its readable form" if safe != parts else "a renamed file already took"
+        report.reject(original, f"{why} {'/'.join(safe)!r} is taken" if safe != parts else f"{why} {'/'.join(safe)!r}",
+                      safe[0])
+        return None
+    report.planned.add(target)
     if safe != parts:
-        if os.path.exists(target):
-            report.reject(original, f"name is not valid UTF-8 and its readable form {'/'.join(safe)!r} is taken",
-                          safe[0])
-            return None
         report.renamed.append({"from": safe_name(original), "to": "/".join(safe),
                                "reason": "file name is not valid UTF-8"})
     parent = os.path.dirname(target)
@@ -151,25 +156,48 @@ def _place(dest: Path, parts: list[str], report: _Report, original: str) -> str 
     return target
 
 
-def _transfer(path: Path | str, target: str, report: _Report, *, move: bool) -> None:
-    """Copy (or, for a scratch extraction, move) one file; small files are read once, hashed on the way through."""
+def _transfer(path: Path | str, target: str, *, move: bool) -> str | None:
+    """Copy (or, for a scratch extraction, move) one file; small files are read once and hashed on the way
+    through (returns that sha256, else None)."""
     if move and not os.path.islink(path):
         os.replace(path, target)
-        return
+        return None
     with open(path, "rb") as src:
         data = src.read() if os.fstat(src.fileno()).st_size <= _HASH_WHILE_COPYING else None
     if data is None:
         shutil.copyfile(path, target)
-        return
+        return None
     with open(target, "xb") as out:
         out.write(data)
-    report.digests[target] = hashlib.sha256(data).hexdigest()
+    return hashlib.sha256(data).hexdigest()
+
+
+def _transfer_many(pairs: list[tuple[Path | str, str]], *, move: bool) -> list[str | None]:
+    """_transfer of each (source, target), in order."""
+    return [_transfer(path, target, move=move) for path, target in pairs]
+
+
+def transfer_all(pairs: list[tuple[Path | str, str]], report: _Report, *, move: bool = False,
+                 threads: int = COPY_THREADS) -> None:
+    """Every (source, target) transferred, by a few threads when there are many: a copy is mostly the kernel
+    creating a file, and while one thread waits for that (a busy disk journal), another can go on. Targets'
+    folders exist already; the first failure is raised once the others have stopped."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    if threads <= 1 or len(pairs) < 2 * COPY_CHUNK:
+        digests = _transfer_many(pairs, move=move)
+    else:
+        chunks = [pairs[i:i + COPY_CHUNK] for i in range(0, len(pairs), COPY_CHUNK)]
+        with ThreadPoolExecutor(threads, thread_name_prefix="ingest-copy") as pool:
+            digests = [d for part in pool.map(lambda chunk: _transfer_many(chunk, move=move), chunks) for d in part]
+    report.digests.update((target, d) for (_, target), d in zip(pairs, digests) if d is not None)
 
 
 def copy_tree(src: Path, dest: Path, report: _Report, *, move: bool = False) -> Layout:
     """Class folders (or train/val/test of class folders) under src -> dest; returns the layout."""
     layout = detect_layout(src)
     depth = 2 if layout == "presplit" else 1
+    pairs: list[tuple[Path | str, str]] = []
     for rel, path in _walk(src, report):
         parts = rel.split("/")
         if len(parts) <= depth:
@@ -180,7 +208,8 @@ def copy_tree(src: Path, dest: Path, report: _Report, *, move: bool = False) -> 
             parts = [SPLIT_ALIASES[parts[0].lower()], *parts[1:]]
         target = _place(dest, parts, report, rel)
         if target is not None:
-            _transfer(path, target, report, move=move)
+            pairs.append((path, target))
+    transfer_all(pairs, report, move=move)
     return layout
 
 
@@ -214,6 +243,7 @@ def copy_csv(csv_path: Path, dest: Path, report: _Report) -> Layout:
     if not {"path", "label"} <= set(columns):
         raise IngestError(f"{csv_path}: a CSV manifest needs the columns path,label (found {columns})")
     presplit = "split" in columns
+    pairs: list[tuple[Path | str, str]] = []
     by_path: dict[str, list[tuple[int, dict[str, str]]]] = {}
     for line, row in enumerate(rows, start=2):
         raw = row["path"].strip()
@@ -253,7 +283,8 @@ def copy_csv(csv_path: Path, dest: Path, report: _Report) -> Layout:
             prefix = [SPLIT_ALIASES[row["split"].strip().lower()]] if presplit else []
             target = _place(dest, [*prefix, row["label"], *norm.split("/")], report, norm)
             if target is not None:
-                _transfer(path, target, report, move=False)
+                pairs.append((path, target))
+    transfer_all(pairs, report)
     return "presplit" if presplit else "classes"
 
 

@@ -512,6 +512,40 @@ def test_non_utf8_file_and_folder_names_are_renamed_readably_not_dropped(image_f
     json.dumps(result.to_dict()).encode("utf-8")  # the record is plain UTF-8
 
 
+@pytest.mark.parametrize("threads", [1, 4])
+def test_a_readable_name_that_is_taken_is_rejected_and_the_rest_ingested(image_folder, tmp_path, monkeypatch, threads):
+    """cat/caf\\xe9.png exists under that literal name and as the readable form of a non-UTF-8 name."""
+    import tasks.ingest as ingest_mod
+
+    monkeypatch.setattr(ingest_mod, "COPY_CHUNK", 2)  # enough files to copy with threads
+    monkeypatch.setattr(ingest_mod, "COPY_THREADS", threads)
+    literal = image_folder / "cat" / "caf\\xe9.png"
+    literal.write_bytes((image_folder / "dog" / "img_00.png").read_bytes())
+    with open(os.fsencode(image_folder / "cat") + b"/caf\xe9.png", "wb") as fh:
+        fh.write((image_folder / "dog" / "img_01.png").read_bytes())
+    result = ingest(str(image_folder), tmp_path / "raw")
+    assert result.n_files == 37
+    assert (tmp_path / "raw" / "cat" / "caf\\xe9.png").read_bytes() == literal.read_bytes()
+    (rejected,) = result.rejected
+    assert rejected["path"] == "cat/caf\\xe9.png" and "is taken" in rejected["reason"]
+
+
+def test_many_files_are_copied_by_threads_byte_for_byte_with_their_hashes(image_folder, tmp_path, monkeypatch):
+    import tasks.ingest as ingest_mod
+    from tasks.io import sha256_file, tree_digest
+
+    monkeypatch.setattr(ingest_mod, "COPY_CHUNK", 3)  # 36 files: 12 chunks over 4 threads
+    threaded = ingest(str(image_folder), tmp_path / "threaded")
+    monkeypatch.setattr(ingest_mod, "COPY_THREADS", 1)
+    serial = ingest(str(image_folder), tmp_path / "serial")
+    assert threaded.content_hash == serial.content_hash == tree_digest(
+        (f"{p.parent.name}/{p.name}", sha256_file(p)) for p in image_folder.rglob("*.png"))
+    copied = sorted(p.relative_to(tmp_path / "threaded") for p in (tmp_path / "threaded").rglob("*") if p.is_file())
+    assert copied == sorted(p.relative_to(image_folder) for p in image_folder.rglob("*") if p.is_file())
+    for rel in copied:
+        assert (tmp_path / "threaded" / rel).read_bytes() == (image_folder / rel).read_bytes()
+
+
 def test_fifo_is_rejected_with_a_reason(image_folder, tmp_path):
     os.mkfifo(image_folder / "cat" / "pipe.png")
     result = ingest(str(image_folder), tmp_path / "raw")
