@@ -254,7 +254,7 @@ def run_retrain(*, overrides: dict[str, Any] | None = None, allow_promotion: boo
     With PREFECT_API_URL in the environment (a real server), nothing runs early: the flow runs every stage."""
     from tasks.stagehost import serving
 
-    from flows.temporary_server import started_here
+    from flows.temporary_server import flow_settings, started_here
 
     root = project_root(Path(project_dir) if project_dir else None)
     configured_server = None if started_here() else os.environ.get("PREFECT_API_URL") or None
@@ -275,4 +275,5 @@ def run_retrain(*, overrides: dict[str, Any] | None = None, allow_promotion: boo
         flow_fn = retrain.with_options(task_runner=resolve_task_runner(task_runner, max_parallel))
         kwargs: dict[str, Any] = dict(overrides=overrides, allow_promotion=allow_promotion,
                                       project_dir=project_dir, sweep=sweep)
-        return flow_fn(**kwargs, **({"ran_early": early} if early else {}))
+        with flow_settings():
+            return flow_fn(**kwargs, **({"ran_early": early} if early else {}))

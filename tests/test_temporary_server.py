@@ -88,7 +88,12 @@ def test_prefect_settings_point_at_the_server_while_it_runs(monkeypatch, no_api_
     import os
 
     assert os.environ["PREFECT_API_URL"] == url  # the flow's task runners' processes inherit it
+    with ts.flow_settings():  # no heartbeats for runs on a server that ends with this process
+        assert get_current_settings().flows.heartbeat_frequency is None
+    assert get_current_settings().flows.heartbeat_frequency is not None
     ts.stop()
+    with ts.flow_settings():  # a configured (or no) server: Prefect's settings as they are
+        assert get_current_settings().flows.heartbeat_frequency is not None
     assert get_current_settings().api.url is None and "PREFECT_API_URL" not in os.environ
     assert not ts.started_here() and not ts.healthy(url)
 
