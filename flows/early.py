@@ -257,13 +257,14 @@ def run_retrain(*, overrides: dict[str, Any] | None = None, allow_promotion: boo
     from flows.temporary_server import flow_settings, started_here
 
     root = project_root(Path(project_dir) if project_dir else None)
-    configured_server = None if started_here() else os.environ.get("PREFECT_API_URL") or None
+    # a server the user configured (not this process's own temporary one): the flow runs every stage itself
+    configured_server = bool(os.environ.get("PREFECT_API_URL")) and not started_here()
     # stage commands run in warm, preloaded processes (tasks/stagehost.py), once one has to run
     with serving(root, start=False) as host, host_started_by_dvc(host):
         prefect = PrefectStart()
         early: dict[str, list[str]] = {}
         try:
-            if configured_server is None:
+            if not configured_server:
                 early = run_early_stages(root, prefect, overrides or {})
             if not any(early.values()):  # nothing ran yet (maybe nothing will): register comes soon and needs
                 threading.Thread(target=import_mlflow, name="import-mlflow", daemon=True).start()  # MLflow

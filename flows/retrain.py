@@ -263,16 +263,17 @@ def retrain(overrides: dict[str, Any] | None = None, source: str | None = None, 
         # register, gate and promote need MLflow (~2 s of imports): import it while train's command runs (not
         # opening the store: train may be creating it)
         warm = None if sweep else WhileStageRuns("train", import_mlflow)
+        early = ran_early or {}
         try:
             for stage in (STAGES[:3] if sweep else STAGES):
-                if stage in (ran_early or {}):  # DVC already ran (or found up to date) this stage for this run
-                    did = task(checked_early, name=stage)(stage, ran_early[stage])
+                if stage in early:  # DVC already ran (or found up to date) this stage for this run
+                    did = task(checked_early, name=stage)(stage, early[stage])
                 else:
                     stage_task = task(run_stage, name=stage, timeout_seconds=STAGE_TIMEOUT_S[stage],
                                       retries=2 if stage == "ingest" else 0, retry_delay_seconds=10)
                     did = stage_task(str(root), stage)
                 logger.info("%s: %s", stage, ("ran" if did else "up to date")
-                            + (" (through DVC while Prefect started)" if stage in (ran_early or {}) else ""))
+                            + (" (through DVC while Prefect started)" if stage in early else ""))
                 ran += did
         finally:
             if warm:

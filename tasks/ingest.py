@@ -141,9 +141,9 @@ def _place(dest: Path, parts: list[str], report: _Report, original: str) -> str 
     safe = [safe_name(p) for p in parts]
     target = os.path.join(dest, *safe)
     if target in report.planned:  # files are copied after all are placed: the plan, not the disk, says what is taken
-        why = "name is not valid UTF-8 and its readable form" if safe != parts else "a renamed file already took"
-        report.reject(original, f"{why} {'/'.join(safe)!r} is taken" if safe != parts else f"{why} {'/'.join(safe)!r}",
-                      safe[0])
+        shown = "/".join(safe)
+        report.reject(original, f"name is not valid UTF-8 and its readable form {shown!r} is taken" if safe != parts
+                      else f"a renamed file already took {shown!r}", safe[0])
         return None
     report.planned.add(target)
     if safe != parts:

@@ -530,6 +530,18 @@ def test_a_readable_name_that_is_taken_is_rejected_and_the_rest_ingested(image_f
     assert rejected["path"] == "cat/caf\\xe9.png" and "is taken" in rejected["reason"]
 
 
+def test_a_name_a_renamed_file_took_first_is_rejected(tmp_path):
+    """Sorted walks place the literal name first; in any other order the later file is still refused."""
+    from tasks.ingest import _place, _Report
+
+    report = _Report()
+    renamed = _place(tmp_path, ["cat", "caf\udce9.png"], report, "cat/caf\udce9.png")
+    assert renamed == str(tmp_path / "cat" / "caf\\xe9.png")
+    assert _place(tmp_path, ["cat", "caf\\xe9.png"], report, "cat/caf\\xe9.png") is None
+    (rejected,) = report.rejected
+    assert rejected["path"] == "cat/caf\\xe9.png" and "a renamed file already took" in rejected["reason"]
+
+
 def test_many_files_are_copied_by_threads_byte_for_byte_with_their_hashes(image_folder, tmp_path, monkeypatch):
     import tasks.ingest as ingest_mod
     from tasks.io import sha256_file, tree_digest
