@@ -20,6 +20,7 @@ import signal
 import socket
 import struct
 import sys
+import threading
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
@@ -27,14 +28,14 @@ from typing import Callable, Iterator
 ENV = "IMGCLF_STAGE_HOST"  # the host's socket path, set by `imgclf run` for the stage commands it starts
 SWITCH = "IMGCLF_WARM_STAGES"  # "0" / "false" / "off": every stage starts its own interpreter
 
-# In the order the stages need them: validate and split (contract), then train and evaluate.
+# In the order the stages need them: validate and split (contract), then train, then evaluate (ONNX).
 PRELOAD = ("numpy", "PIL.Image", "pandas", "great_expectations", "mlflow", "mlflow.store.tracking.sqlalchemy_store",
-           "mlflow.pyfunc", "torch", "torchvision", "torch._dynamo", "torch._inductor.config", "onnx",
-           "onnxruntime", "matplotlib.figure")
+           "mlflow.pyfunc", "torch", "torchvision", "torch._dynamo", "torch._inductor.config", "matplotlib.figure",
+           "onnx", "onnxruntime")
 
 # What a stage waits for before it is forked (the last PRELOAD entry it uses); unlisted: the whole list.
 READY_AFTER = {"tasks.validate": "great_expectations", "tasks.split": "great_expectations",
-               "tasks.tracking": "mlflow.store.tracking.sqlalchemy_store"}
+               "tasks.tracking": "mlflow.store.tracking.sqlalchemy_store", "tasks.train": "matplotlib.figure"}
 
 _HEADER = struct.Struct("!I")
 
@@ -193,40 +194,51 @@ class Host:
         self.listener = listener
         self.preload = preload
         self.loaded = 0  # how many of `preload` have been imported (or failed to)
+        self.gate = threading.Lock()  # held by the preload thread during each import, and around each fork
+        self.importer: threading.Thread | None = None
         self.waiting: list[tuple[socket.socket, dict, list[int]]] = []  # requests not forked yet
         self.children: dict[int, socket.socket] = {}  # pid -> the command's connection
         self.wake_r: int | None = None
         self.wake_w: int | None = None
 
     def serve(self) -> None:
-        """Import the preload list between requests, then serve until stdin (the run's pipe) closes."""
-        import importlib
+        """Import the preload list in a background thread while serving, until stdin (the run's pipe) closes.
 
+        The imports go on beside running stages: on a few cores they fill the time a single-threaded stage
+        (split, the tail of each stage) leaves idle, and the stage a request waits for starts as soon as its
+        libraries are in. The loop stays free to hand a finished stage's status straight back to its command.
+        A fork waits for the import in progress to finish (`gate`): a child never inherits a half-imported
+        module or a lock held by the preload thread."""
         # A stage's end wakes the loop at once (its status goes straight back to the command): SIGCHLD writes
-        # to this pipe, which the loop watches.
+        # to this pipe, which the loop watches; so does the preload thread after each import.
         self.wake_r, self.wake_w = os.pipe()
         os.set_blocking(self.wake_w, False)
         signal.signal(signal.SIGCHLD, lambda *_: None)
         signal.set_wakeup_fd(self.wake_w)
-        for name in self.preload:
-            # Imports are CPU-bound: none while a stage runs (the stage is the run's critical path).
-            if not self.step(timeout=0):
-                return
-            while self.children:
-                if not self.step(timeout=0.05):
-                    return
-            try:
-                importlib.import_module(name)
-            except Exception:  # noqa: BLE001  (not installed / broken: the stage imports it and says so)
-                pass
-            self.loaded += 1
+        self.importer = threading.Thread(target=self._preload, name="preload", daemon=True)
+        self.importer.start()
         while self.step(timeout=0.5):
             pass
 
+    def _preload(self) -> None:
+        import importlib
+
+        for name in self.preload:
+            with self.gate:
+                try:
+                    importlib.import_module(name)
+                except Exception:  # noqa: BLE001  (not installed / broken: the stage imports it and says so)
+                    pass
+                self.loaded += 1
+            try:
+                os.write(self.wake_w, b"\0")  # a waiting stage may be ready now
+            except OSError:  # the pipe is full (the loop wakes anyway) or closed (the host is stopping)
+                pass
+
     def needs(self, module: str) -> int:
-        """How much of the preload list a stage waits for: validate and split up to Great
-        Expectations, the rest all of it (importing a library twice, in the host and in a child that did not
-        wait, costs more than the wait: each import is CPU-bound)."""
+        """How much of the preload list a stage waits for: validate and split up to Great Expectations, train
+        up to matplotlib (not ONNX), the rest all of it (importing a library twice, in the host and in a child
+        that did not wait, costs more than the wait: each import is CPU-bound)."""
         last = READY_AFTER.get(module, self.preload[-1] if self.preload else None)
         return self.preload.index(last) + 1 if last in self.preload else 0
 
@@ -285,7 +297,8 @@ class Host:
             self.fork(*item)
 
     def fork(self, conn: socket.socket, request: dict, fds: list[int]) -> None:
-        pid = os.fork()
+        with self.gate:
+            pid = os.fork()
         if pid == 0:
             if self.wake_r is not None:
                 signal.set_wakeup_fd(-1)
@@ -398,6 +411,12 @@ def main() -> None:
         host.serve()
     finally:
         host.listener.close()
+    # Exit without finalising: the host ran no stage code itself (its children did, and they are gone), so there
+    # is nothing to write, while tearing down torch, MLflow and Great Expectations takes ~0.3 s at the end of
+    # every run, and a preload still in progress is not waited for.
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":
