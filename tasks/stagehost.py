@@ -194,7 +194,10 @@ class Host:
         self.listener = listener
         self.preload = preload
         self.loaded = 0  # how many of `preload` have been imported (or failed to)
-        self.gate = threading.Lock()  # held by the preload thread during each import, and around each fork
+        # The preload thread imports only while no fork is wanted, and a fork waits for the import in progress:
+        self.turn = threading.Condition()
+        self.importing = False
+        self.forks_wanted = 0
         self.importer: threading.Thread | None = None
         self.waiting: list[tuple[socket.socket, dict, list[int]]] = []  # requests not forked yet
         self.children: dict[int, socket.socket] = {}  # pid -> the command's connection
@@ -207,8 +210,8 @@ class Host:
         The imports go on beside running stages: on a few cores they fill the time a single-threaded stage
         (split, the tail of each stage) leaves idle, and the stage a request waits for starts as soon as its
         libraries are in. The loop stays free to hand a finished stage's status straight back to its command.
-        A fork waits for the import in progress to finish (`gate`): a child never inherits a half-imported
-        module or a lock held by the preload thread."""
+        A fork waits for the import in progress to finish, and the next import waits for the fork: a child
+        never inherits a half-imported module or a lock held by the preload thread."""
         # A stage's end wakes the loop at once (its status goes straight back to the command): SIGCHLD writes
         # to this pipe, which the loop watches; so does the preload thread after each import.
         self.wake_r, self.wake_w = os.pipe()
@@ -224,16 +227,35 @@ class Host:
         import importlib
 
         for name in self.preload:
-            with self.gate:
-                try:
-                    importlib.import_module(name)
-                except Exception:  # noqa: BLE001  (not installed / broken: the stage imports it and says so)
-                    pass
-                self.loaded += 1
+            with self.turn:
+                self.turn.wait_for(lambda: not self.forks_wanted)
+                self.importing = True
+            try:
+                importlib.import_module(name)
+            except Exception:  # noqa: BLE001  (not installed / broken: the stage imports it and says so)
+                pass
+            finally:
+                with self.turn:
+                    self.importing = False
+                    self.loaded += 1
+                    self.turn.notify_all()
             try:
                 os.write(self.wake_w, b"\0")  # a waiting stage may be ready now
             except OSError:  # the pipe is full (the loop wakes anyway) or closed (the host is stopping)
                 pass
+
+    @contextmanager
+    def no_import_running(self) -> Iterator[None]:
+        """Wait for the preload thread's import in progress to finish; it starts no other until the block ends
+        (a plain lock would let it take the next turn straight away, and a fork would wait for the whole list)."""
+        with self.turn:
+            self.forks_wanted += 1
+            self.turn.wait_for(lambda: not self.importing)
+            try:
+                yield
+            finally:
+                self.forks_wanted -= 1
+                self.turn.notify_all()
 
     def needs(self, module: str) -> int:
         """How much of the preload list a stage waits for: validate and split up to Great Expectations, train
@@ -297,7 +319,7 @@ class Host:
             self.fork(*item)
 
     def fork(self, conn: socket.socket, request: dict, fds: list[int]) -> None:
-        with self.gate:
+        with self.no_import_running():
             pid = os.fork()
         if pid == 0:
             if self.wake_r is not None:

@@ -158,6 +158,30 @@ def test_stages_wait_for_the_preload_they_need(workdir):
     assert res.stdout.split("\n")[1] == "cold"
 
 
+def test_a_fork_waits_for_one_import_not_for_the_whole_preload(tmp_path, monkeypatch):
+    import socket
+    import threading
+
+    for i in range(4):
+        (tmp_path / f"probe_import{i}.py").write_text("import time\ntime.sleep(0.3)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with socket.socket(socket.AF_UNIX) as listener:
+        host = stagehost.Host(listener, preload=tuple(f"probe_import{i}" for i in range(4)))
+        host.wake_r, host.wake_w = os.pipe()
+        importer = threading.Thread(target=host._preload)
+        importer.start()
+        while not host.importing:
+            time.sleep(0.01)
+        with host.no_import_running():  # what a fork does
+            during = (host.importing, host.loaded)
+            time.sleep(0.4)  # no import starts meanwhile
+            assert host.loaded == during[1]
+        importer.join()
+        os.close(host.wake_r), os.close(host.wake_w)
+    assert during[0] is False and 1 <= during[1] <= 2  # in after the first import or so, not after all four
+    assert host.loaded == 4 and all(f"probe_import{i}" in sys.modules for i in range(4))
+
+
 def test_each_stage_waits_only_for_the_libraries_it_uses():
     import socket
 
