@@ -68,7 +68,7 @@ def main() -> None:
     from tasks.config import load_params
     from tasks.models import build_model
     from tasks.preprocess import Preprocess
-    from tasks.train import config_from_params, fit, resolve_device
+    from tasks.train import channels_last, config_from_params, fit, resolve_device
 
     cfg = config_from_params(load_params(ROOT / "params.yaml"))
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -106,7 +106,7 @@ def main() -> None:
     torch.manual_seed(0)
     bare_model = build_model(args.model, num_classes=num_classes, in_channels=channels).to(device)
     x = torch.randn(args.batch_size, channels, spec.size, spec.size, device=device)
-    if device == "cuda":
+    if channels_last(device):  # the same memory format as fit() uses on this device: the loop is compared
         bare_model = bare_model.to(memory_format=torch.channels_last)
         x = x.contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, num_classes, (args.batch_size,), device=device)
@@ -133,7 +133,7 @@ def main() -> None:
     out = {"model": args.model, "image_size": args.image_size, "channels": channels,
            "batch_size": result.batch_size, "device": device,
            "dtype": "bf16-autocast" if device == "cuda" else "float32",
-           "channels_last": device == "cuda", "torch_threads": torch.get_num_threads(),
+           "channels_last": channels_last(device), "torch_threads": torch.get_num_threads(),
            "stage_images_per_s": round(stage, 1), "synthetic_images_per_s": round(bare_ips, 1),
            "ratio": round(ratio, 3), "runs": {"stage": [round(v, 1) for v in stage_runs],
                                                          "synthetic": [round(v, 1) for v in bare_runs]}, "augment": {"translate": cfg.translate, "hflip": cfg.hflip}}

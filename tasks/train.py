@@ -383,6 +383,14 @@ def class_weights(labels: "torch.Tensor", num_classes: int, mode: str) -> "torch
     return len(labels) / (num_classes * counts)
 
 
+def channels_last(device: str) -> bool:
+    """Whether training runs the model and its batches in channels_last memory format on this device: on CUDA
+    (tensor cores) and on CPU, where oneDNN's convolutions are faster that way (measured per training step:
+    smallcnn 1.25x, MobileNetV3 1.5x, EfficientNet-B0 1.5x, ResNet-18 about even, ConvNeXt and ViT even); not
+    on MPS. The saved weights are the same either way (saved contiguous)."""
+    return device.split(":")[0] in {"cuda", "cpu"}
+
+
 def _evaluate(model: "nn.Module", images: "torch.Tensor | DecodedFiles", labels: "torch.Tensor", spec: Preprocess,
               device: str, batch_size: int, num_workers: int = 0) -> tuple[float, float]:
     import torch
@@ -395,7 +403,7 @@ def _evaluate(model: "nn.Module", images: "torch.Tensor | DecodedFiles", labels:
     with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=device == "cuda"):
         for start, batch in zip(range(0, len(images), batch_size), batches):
             x = normalize(batch.to(device), spec)
-            if device == "cuda":
+            if channels_last(device):
                 x = x.contiguous(memory_format=torch.channels_last)
             y = labels[start:start + batch_size].to(device)
             logits = model(x).float()
@@ -530,7 +538,7 @@ def _fit(model: "nn.Module", train: tuple["torch.Tensor", "torch.Tensor"], val: 
 
     generator = torch.Generator().manual_seed(cfg.seed)
     model.to(device)
-    if device == "cuda":
+    if channels_last(device):
         model.to(memory_format=torch.channels_last)
     rank, world = distributed_rank()
     forward = model
@@ -610,7 +618,7 @@ def _fit(model: "nn.Module", train: tuple["torch.Tensor", "torch.Tensor"], val: 
             target = y
             if mix is not None and len(idx) > 1:
                 x, target = mix(x, y)
-            if device == "cuda":
+            if channels_last(device):
                 x = x.contiguous(memory_format=torch.channels_last)
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device == "cuda"):
                 logits = forward(x).float()

@@ -166,6 +166,18 @@ def test_recipe_options_still_learn(extra):
     model.load_state_dict(best)
 
 
+def test_cpu_training_runs_channels_last_and_returns_weights_any_model_loads():
+    model = _model()
+    _, best = fit(model, _blobs(64, 1), _blobs(32, 2), SPEC, _cfg(epochs=1, translate=0.0))
+    conv = model[3].weight  # 32 x 32 x 3 x 3: the two layouts differ
+    assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+    fresh = _model(seed=9)
+    fresh.load_state_dict(best)  # the one epoch is the best one
+    x = torch.randn(4, 1, 16, 16)
+    with torch.no_grad():
+        assert torch.allclose(fresh.eval()(x), model.eval()(x), atol=1e-5)
+
+
 def test_ema_weights_are_the_ones_returned():
     plain, plain_best = fit(_model(), _blobs(64, 1), _blobs(32, 2), SPEC, _cfg(epochs=2, translate=0.0))
     ema, ema_best = fit(_model(), _blobs(64, 1), _blobs(32, 2), SPEC,
