@@ -30,6 +30,32 @@ _server: "TemporaryServer | None" = None
 _stop_at_exit = False
 
 
+# The server runs under this small wrapper: `python -c WATCHED -m MODULE ARGS...` (or `-c CODE ARGS...`) runs as
+# `python -m MODULE ARGS...` would, and also sends itself SIGTERM (what stop() sends) once its stdin reaches EOF.
+# Its stdin is a pipe that only the process that started it holds, so the server goes when that process goes,
+# however it goes (SIGKILL, the OOM killer), instead of outliving it with its port and memory.
+WATCHED = """
+import os, runpy, signal, sys, threading
+def watch():
+    while os.read(0, 4096):  # the raw descriptor: a buffered sys.stdin's lock would block the exit
+        pass
+    os.kill(os.getpid(), signal.SIGTERM)
+threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+kind, target = sys.argv[1:3]
+sys.argv = [target, *sys.argv[3:]]
+if kind == "-m":
+    runpy.run_module(target, run_name="__main__", alter_sys=True)
+else:
+    sys.argv[0] = "-c"
+    exec(compile(target, "<string>", "exec"), {"__name__": "__main__"})
+"""
+
+
+def spawn_watched(args: list[str], env: dict[str, str]) -> "subprocess.Popen[bytes]":
+    """`python ARGS` (`-m module ...` or `-c code ...`) that ends when this process does (see WATCHED)."""
+    return subprocess.Popen([sys.executable, "-c", WATCHED, *args], env=env, stdin=subprocess.PIPE)
+
+
 def port_available(port: int) -> bool:
     with contextlib.closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as sock:
         try:
@@ -70,10 +96,9 @@ class TemporaryServer:
         import prefect
 
         self.port = free_port()
-        cmd = [sys.executable, "-m", "uvicorn", "--app-dir", str(prefect.__module_path__.parent), "--factory",
-               "prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port", str(self.port),
-               "--log-level", "error", "--lifespan", "on"]
-        return subprocess.Popen(cmd, env=env)
+        return spawn_watched(["-m", "uvicorn", "--app-dir", str(prefect.__module_path__.parent), "--factory",
+                              "prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port", str(self.port),
+                              "--log-level", "error", "--lifespan", "on"], env)
 
     def start(self, timeout_s: float | None = None) -> str:
         from prefect.logging import get_logger
@@ -89,6 +114,8 @@ class TemporaryServer:
         deadline = time.monotonic() + timeout_s
         while not healthy(self.api_url):
             code = self.process.poll()
+            if code is not None and self.process.stdin:
+                self.process.stdin.close()
             if code == PORT_IN_USE:  # taken since we looked: another port
                 self.process = self._spawn(env)
                 continue
@@ -116,6 +143,8 @@ class TemporaryServer:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+        if process.stdin:
+            process.stdin.close()
 
 
 def _use(api_url: str | None) -> None:

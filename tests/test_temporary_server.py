@@ -32,7 +32,7 @@ def spawner(*commands: str):
 
     def spawn(self, env):
         self.port = ts.free_port()
-        return subprocess.Popen([sys.executable, "-c", queue.pop(0), str(self.port)], env=env)
+        return ts.spawn_watched(["-c", queue.pop(0), str(self.port)], env)
 
     return spawn
 
@@ -97,3 +97,48 @@ def test_prefect_settings_point_at_the_server_while_it_runs(monkeypatch, no_api_
     assert get_current_settings().api.url is None and "PREFECT_API_URL" not in os.environ
     assert not ts.started_here() and not ts.healthy(url)
 
+
+
+def _gone(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] == "Z"  # ended, not yet reaped by its new parent
+    except FileNotFoundError:
+        return True
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_the_server_ends_when_the_process_that_started_it_is_killed(tmp_path):
+    import os
+    import time
+
+    # a process that starts a (stand-in) server the way TemporaryServer does, then dies without any cleanup
+    script = tmp_path / "starter.py"
+    script.write_text(
+        "import os, signal, sys\n"
+        "import flows.temporary_server as ts\n"
+        f"server = ts.spawn_watched(['-c', {HEALTH!r}, str(ts.free_port())], dict(os.environ))\n"
+        "print(server.pid, flush=True)\n"
+        "os.kill(os.getpid(), signal.SIGKILL)\n")
+    starter = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60,
+                             env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert starter.returncode == -9
+    server_pid = int(starter.stdout.split()[0])
+    deadline = time.monotonic() + 20
+    while not _gone(server_pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _gone(server_pid)
+
+
+def test_a_watched_command_runs_a_module_as_python_m_would(tmp_path):
+    import os
+
+    (tmp_path / "probe_mod.py").write_text(
+        "import sys, pathlib\n"
+        "pathlib.Path(sys.argv[1]).write_text(repr((__name__, sys.argv[0].endswith('probe_mod.py'), sys.argv[2:])))\n"
+        "sys.exit(7)\n")
+    out = tmp_path / "seen"
+    proc = ts.spawn_watched(["-m", "probe_mod", str(out), "a", "b"], {**os.environ, "PYTHONPATH": str(tmp_path)})
+    assert proc.wait(timeout=30) == 7  # its exit status is the module's (uvicorn's 3, "port taken", counts)
+    proc.stdin.close()
+    assert out.read_text() == repr(("__main__", True, ["a", "b"]))
