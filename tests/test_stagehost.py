@@ -158,6 +158,14 @@ def test_stages_wait_for_the_preload_they_need(workdir):
     assert res.stdout.split("\n")[1] == "cold"
 
 
+def test_a_host_stopped_mid_import_exits_at_once(workdir):
+    (workdir / "probe_endless.py").write_text("import time\ntime.sleep(120)\n")
+    with stagehost.serving(workdir, preload=("probe_endless",)) as host:
+        time.sleep(1)  # the preload thread is inside the 120 s import now
+        started = time.monotonic()
+    assert host.process.poll() is not None and time.monotonic() - started < 10
+
+
 def test_a_fork_waits_for_one_import_not_for_the_whole_preload(tmp_path, monkeypatch):
     import socket
     import threading
