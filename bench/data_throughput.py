@@ -88,7 +88,7 @@ def pipeline(folder: Path, work: Path) -> dict[str, float]:
 
 
 def measure(n: int, *, size: int = 16, fmt: str = "png") -> dict[str, float]:
-    from tasks.validate import pool_size
+    from tasks.validate import pool_size, pool_start_method
 
     # Great Expectations is imported once per process: only the first row measured in a process pays it
     preloaded = "great_expectations" in sys.modules
@@ -113,12 +113,20 @@ def measure(n: int, *, size: int = 16, fmt: str = "png") -> dict[str, float]:
     row["pipeline_vs_bare"] = round(bare / timings["total_s"], 3)
     row["validate_vs_bare"] = round(bare / timings["validate_s"], 3)
     row["ingest_vs_copy"] = round(copy / timings["ingest_s"], 3)  # ingest against its floor: one bare copy loop
-    row["inspect_workers"] = pool_size(n) or 1  # processes validate inspected the files with
+    method = pool_start_method()
+    row["inspect_workers"] = pool_size(n, method=method) or 1  # processes validate inspected the files with
+    row["pool_start"] = method
     row["gx_import_included"] = not preloaded
     return row
 
 
 def main(sizes: list[int]) -> dict:
+    import tqdm
+
+    # Each validate stage runs in a process of its own, which inspects the images (forking its pool: see
+    # tasks/validate.pool_start_method) before Great Expectations starts tqdm's monitor thread. Here every row
+    # runs in one process: without this, the first row's thread would make later rows spawn instead.
+    tqdm.tqdm.monitor_interval = 0
     rows = []
     for n in sizes:
         rows.append(measure(n))

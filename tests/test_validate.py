@@ -413,11 +413,53 @@ def test_process_pool_gives_the_same_manifest(image_folder, monkeypatch):
     _write_odd_but_fine(image_folder)
     serial = build_manifest(image_folder, workers=1, max_pixels=4_000_000)
     monkeypatch.setattr(v, "POOL_MIN_FILES", 1)
+    monkeypatch.setattr(v, "POOL_MIN_FILES_FORKED", 1)
+    pools = []
+    monkeypatch.setattr(v, "_pool", lambda workers, method, real=v._pool: pools.append(workers) or real(workers, method))
     monkeypatch.setattr(v, "_chunks", lambda names, workers: [names[i:i + 5] for i in range(0, len(names), 5)])
     waited = []
     pooled = build_manifest(image_folder, workers=2, max_pixels=4_000_000, while_waiting=lambda: waited.append(1))
     pd.testing.assert_frame_equal(serial, pooled)
-    assert waited == [1]
+    assert waited == [1] and pools == [2]  # (really pooled)
+
+
+def test_the_pool_forks_only_when_no_other_thread_runs(image_folder):
+    import threading
+
+    import tasks.validate as v
+
+    started, release = threading.Event(), threading.Event()
+    other = threading.Thread(target=lambda: (started.set(), release.wait()))
+    other.start()
+    started.wait()
+    try:
+        assert v.pool_start_method() == "spawn"  # a forked worker could inherit a lock that thread holds
+    finally:
+        release.set()
+        other.join()
+    # a process running one thread (a warm stage's fork, a plain interpreter) forks its workers, and they give
+    # the manifest a serial inspection gives
+    code = ("import sys, tasks.validate as v\n"
+            "v.POOL_MIN_FILES_FORKED = 1\n"
+            "assert v.pool_start_method() == 'fork', v.pool_start_method()\n"
+            "pooled = v.build_manifest(v.Path(sys.argv[1]), workers=2, max_pixels=4_000_000)\n"
+            "serial = v.build_manifest(v.Path(sys.argv[1]), workers=1, max_pixels=4_000_000)\n"
+            "assert pooled.equals(serial) and len(pooled) > 0\n")
+    import subprocess
+    import sys
+
+    if sys.platform == "linux":
+        res = subprocess.run([sys.executable, "-c", code, str(image_folder)], capture_output=True, text=True,
+                             timeout=120)
+        assert res.returncode == 0, res.stderr[-2000:]
+
+
+def test_small_inputs_are_inspected_inline_and_a_forked_pool_pays_off_sooner():
+    import tasks.validate as v
+
+    assert v.pool_size(5_000, 2, "spawn") == 0 and v.pool_size(5_000, 2, "fork") == 2
+    assert v.pool_size(100, 2, "fork") == 0 and v.pool_size(50_000, 2, "spawn") == 2
+    assert v.pool_size(50_000, 1, "fork") == 0
 
 
 def test_corrupt_files_in_the_pool_path_are_quarantined_with_their_reason(image_folder, tmp_path, monkeypatch):
@@ -427,8 +469,12 @@ def test_corrupt_files_in_the_pool_path_are_quarantined_with_their_reason(image_
 
     bad = _write_bad(image_folder)
     monkeypatch.setattr(v, "POOL_MIN_FILES", 1)
+    monkeypatch.setattr(v, "POOL_MIN_FILES_FORKED", 1)
+    pools = []
+    monkeypatch.setattr(v, "_pool", lambda workers, method, real=v._pool: pools.append(workers) or real(workers, method))
     outcome = _run(image_folder, tmp_path / "out", max_pixels=4_000_000, workers=2)
     assert outcome.discovered == outcome.accepted + outcome.quarantined and outcome.quarantined == len(bad)
+    assert pools == [2]  # (really pooled)
     quarantine = pd.read_csv(tmp_path / "out" / "reports" / "validation" / "quarantine.csv", keep_default_na=False)
     reasons = dict(zip(quarantine["path"], quarantine["reason"]))
     assert set(reasons) == set(bad)
