@@ -3,9 +3,10 @@ same model on the same images for the same epochs with the same seed. One JSON l
 
 Prefect's state under PREFECT_HOME (its database, and the memo that lets later starts of its server skip
 registering block types), made once by the first run on a machine, is made before timing by one start of the
-temporary server, and reported on its own as prefect_first_start_s. `imgclf run` is timed twice, on two identical fresh copies: as it runs
-out of the box (Prefect's temporary API server, started by the run) and against a Prefect server that is already
-running (`prefect server start`, PREFECT_API_URL), as scheduled deployments run (server_*; not in the target).
+temporary server, and reported on its own as prefect_first_start_s. `imgclf run` is timed twice, on two
+identical fresh copies: as it runs out of the box (Prefect's temporary API server, started by the run) and
+against a Prefect server that is already running (`prefect server start`, PREFECT_API_URL), as scheduled
+deployments run (server_*; not in the target).
 The bare script is also timed with channels_last tensors (bare_channels_last_s), the memory format the train stage
 uses on CPU, so the share of the gap that is only that format can be read off.
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-from typing import Iterator
 import os
 import random
 import socket
@@ -22,6 +21,7 @@ import sys
 import threading
 import time
 import urllib.request
+from typing import Iterator
 
 PORTS = range(8000, 9000)  # where Prefect looks for a free port
 PORT_IN_USE = 3  # uvicorn's exit status when it cannot bind its port

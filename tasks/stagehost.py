@@ -198,7 +198,6 @@ class Host:
         self.turn = threading.Condition()
         self.importing = False
         self.forks_wanted = 0
-        self.importer: threading.Thread | None = None
         self.waiting: list[tuple[socket.socket, dict, list[int]]] = []  # requests not forked yet
         self.children: dict[int, socket.socket] = {}  # pid -> the command's connection
         self.wake_r: int | None = None
@@ -218,8 +217,7 @@ class Host:
         os.set_blocking(self.wake_w, False)
         signal.signal(signal.SIGCHLD, lambda *_: None)
         signal.set_wakeup_fd(self.wake_w)
-        self.importer = threading.Thread(target=self._preload, name="preload", daemon=True)
-        self.importer.start()
+        threading.Thread(target=self._preload, name="preload", daemon=True).start()
         while self.step(timeout=0.5):
             pass
 

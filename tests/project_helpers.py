@@ -17,6 +17,23 @@ REPO = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
 
 
+def process_ends(pid: int, within_s: float = 15) -> bool:
+    """Whether process pid ends (is gone, or a zombie its parent has not reaped yet) within within_s."""
+    import time
+
+    deadline = time.monotonic() + within_s
+    while True:
+        try:
+            with open(f"/proc/{pid}/stat") as stat:
+                if stat.read().rsplit(")", 1)[1].split()[0] == "Z":  # (after the name, which may hold spaces)
+                    return True
+        except FileNotFoundError:
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+
+
 def shapes_dataset(root: Path, *, per_class: int = 15, size: int = 24) -> Path:
     """3 visually distinct classes (circle, square, stripes) of grayscale PNGs: a tiny model learns them."""
     rng = np.random.default_rng(0)

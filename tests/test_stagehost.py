@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from tasks import stagehost
+from tests.project_helpers import process_ends
 
 PROBE = '''
 import os, sys, time
@@ -97,13 +98,13 @@ def test_when_the_command_goes_its_stage_goes_too(workdir):
         proc, stage_pid = sleeping_stage(workdir)
         proc.kill()
         proc.wait()
-        assert _ends(stage_pid)
+        assert process_ends(stage_pid)
 
 
 def test_the_run_ending_ends_a_stage_still_running(workdir):
     with stagehost.serving(workdir, preload=()):
         proc, stage_pid = sleeping_stage(workdir)
-    assert _ends(stage_pid)
+    assert process_ends(stage_pid)
     assert proc.wait(timeout=30) != 0
 
 
@@ -201,14 +202,3 @@ def test_each_stage_waits_only_for_the_libraries_it_uses():
         assert stagehost.Host(listener, preload=()).needs("tasks.train") == 0
 
 
-def _ends(pid: int, within_s: float = 15) -> bool:
-    deadline = time.time() + within_s
-    while time.time() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return True
-        if Path(f"/proc/{pid}/stat").exists() and Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z":
-            return True  # ended, not yet reaped by its parent
-        time.sleep(0.05)
-    return False

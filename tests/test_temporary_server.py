@@ -12,6 +12,7 @@ import pytest
 
 import flows.early as early
 import flows.temporary_server as ts
+from tests.project_helpers import process_ends
 
 HEALTH = r"""
 import http.server, sys
@@ -98,19 +99,9 @@ def test_prefect_settings_point_at_the_server_while_it_runs(monkeypatch, no_api_
     assert not ts.started_here() and not ts.healthy(url)
 
 
-
-def _gone(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().rsplit(")", 1)[1].split()[0] == "Z"  # ended, not yet reaped by its new parent
-    except FileNotFoundError:
-        return True
-
-
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 def test_the_server_ends_when_the_process_that_started_it_is_killed(tmp_path):
     import os
-    import time
 
     # a process that starts a (stand-in) server the way TemporaryServer does, then dies without any cleanup
     script = tmp_path / "starter.py"
@@ -123,11 +114,7 @@ def test_the_server_ends_when_the_process_that_started_it_is_killed(tmp_path):
     starter = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60,
                              env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
     assert starter.returncode == -9
-    server_pid = int(starter.stdout.split()[0])
-    deadline = time.monotonic() + 20
-    while not _gone(server_pid) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert _gone(server_pid)
+    assert process_ends(int(starter.stdout.split()[0]), within_s=20)
 
 
 def test_a_watched_command_runs_a_module_as_python_m_would(tmp_path):

@@ -5,6 +5,8 @@ from __future__ import annotations
 import io
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -406,16 +408,24 @@ def test_presplit_layout_gives_split_hints_and_labels(tmp_path):
     assert (manifest["split_hint"] == manifest["path"].str.split("/").str[0]).all()
 
 
-def test_process_pool_gives_the_same_manifest(image_folder, monkeypatch):
+@pytest.fixture
+def pools(monkeypatch) -> list[int]:
+    """Pool even the smallest inputs (whichever start method applies); the list gets each pool's size."""
+    import tasks.validate as v
+
+    sizes: list[int] = []
+    monkeypatch.setattr(v, "POOL_MIN_FILES", 1)
+    monkeypatch.setattr(v, "POOL_MIN_FILES_FORKED", 1)
+    monkeypatch.setattr(v, "_pool", lambda workers, method, real=v._pool: sizes.append(workers) or real(workers, method))
+    return sizes
+
+
+def test_process_pool_gives_the_same_manifest(image_folder, monkeypatch, pools):
     import tasks.validate as v
 
     _write_bad(image_folder)
     _write_odd_but_fine(image_folder)
     serial = build_manifest(image_folder, workers=1, max_pixels=4_000_000)
-    monkeypatch.setattr(v, "POOL_MIN_FILES", 1)
-    monkeypatch.setattr(v, "POOL_MIN_FILES_FORKED", 1)
-    pools = []
-    monkeypatch.setattr(v, "_pool", lambda workers, method, real=v._pool: pools.append(workers) or real(workers, method))
     monkeypatch.setattr(v, "_chunks", lambda names, workers: [names[i:i + 5] for i in range(0, len(names), 5)])
     waited = []
     pooled = build_manifest(image_folder, workers=2, max_pixels=4_000_000, while_waiting=lambda: waited.append(1))
@@ -423,7 +433,7 @@ def test_process_pool_gives_the_same_manifest(image_folder, monkeypatch):
     assert waited == [1] and pools == [2]  # (really pooled)
 
 
-def test_the_pool_forks_only_when_no_other_thread_runs(image_folder):
+def test_the_pool_is_spawned_while_another_thread_runs():
     import threading
 
     import tasks.validate as v
@@ -437,21 +447,19 @@ def test_the_pool_forks_only_when_no_other_thread_runs(image_folder):
     finally:
         release.set()
         other.join()
-    # a process running one thread (a warm stage's fork, a plain interpreter) forks its workers, and they give
-    # the manifest a serial inspection gives
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="fork is used on Linux only")
+def test_a_process_running_one_thread_forks_its_pool_and_gets_the_serial_manifest(image_folder):
+    # as a warm stage's fork or a plain interpreter does; in a process of its own (pytest's may run threads)
     code = ("import sys, tasks.validate as v\n"
             "v.POOL_MIN_FILES_FORKED = 1\n"
             "assert v.pool_start_method() == 'fork', v.pool_start_method()\n"
             "pooled = v.build_manifest(v.Path(sys.argv[1]), workers=2, max_pixels=4_000_000)\n"
             "serial = v.build_manifest(v.Path(sys.argv[1]), workers=1, max_pixels=4_000_000)\n"
             "assert pooled.equals(serial) and len(pooled) > 0\n")
-    import subprocess
-    import sys
-
-    if sys.platform == "linux":
-        res = subprocess.run([sys.executable, "-c", code, str(image_folder)], capture_output=True, text=True,
-                             timeout=120)
-        assert res.returncode == 0, res.stderr[-2000:]
+    res = subprocess.run([sys.executable, "-c", code, str(image_folder)], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
 
 
 def test_small_inputs_are_inspected_inline_and_a_forked_pool_pays_off_sooner():
@@ -462,16 +470,10 @@ def test_small_inputs_are_inspected_inline_and_a_forked_pool_pays_off_sooner():
     assert v.pool_size(50_000, 1, "fork") == 0
 
 
-def test_corrupt_files_in_the_pool_path_are_quarantined_with_their_reason(image_folder, tmp_path, monkeypatch):
+def test_corrupt_files_in_the_pool_path_are_quarantined_with_their_reason(image_folder, tmp_path, pools):
     import re
 
-    import tasks.validate as v
-
     bad = _write_bad(image_folder)
-    monkeypatch.setattr(v, "POOL_MIN_FILES", 1)
-    monkeypatch.setattr(v, "POOL_MIN_FILES_FORKED", 1)
-    pools = []
-    monkeypatch.setattr(v, "_pool", lambda workers, method, real=v._pool: pools.append(workers) or real(workers, method))
     outcome = _run(image_folder, tmp_path / "out", max_pixels=4_000_000, workers=2)
     assert outcome.discovered == outcome.accepted + outcome.quarantined and outcome.quarantined == len(bad)
     assert pools == [2]  # (really pooled)
