@@ -31,7 +31,7 @@ TEST_SPLIT = SPLITS_DIR / "test.csv"
 MANIFEST = Path("data/manifest.csv")
 MODEL_DIR = Path("models/candidate")
 SIZE_BUCKETS = (32, 64, 128, 256, 512, 1024)
-LATENCY_B64_BUDGET_S = 1.0
+LATENCY_B64_BUDGET_S = 0.3  # seconds of timing for the batch-64 figure (>= 5 runs): median within ~5% of a 1 s budget
 
 
 @dataclass(frozen=True)

@@ -155,12 +155,27 @@ def save_model(directory: Path, model: "nn.Module", *, name: str, classes: list[
                                        **(extra or {})})
 
 
+def channels_last(device: str) -> bool:
+    """Whether the model and its batches run in channels_last memory format on this device: on CUDA
+    (tensor cores) and on CPU, where oneDNN's convolutions are faster that way (measured per training step:
+    smallcnn 1.25x, MobileNetV3 1.5x, EfficientNet-B0 1.5x, ResNet-18 about even, ConvNeXt and ViT even); not
+    on MPS. Inference too (load_model: evaluation, `imgclf predict`, serving), measured on CPU: smallcnn 1.8x
+    per batch of 256, EfficientNet-B0 1.5x, MobileNetV3 1.3x, ResNet-18 1.25x per batch of 16, batch 1 even to
+    1.3x, ViT even. The saved weights are the same either way (save_model writes them contiguous)."""
+    return device.split(":")[0] in {"cuda", "cpu"}
+
+
 def load_model(directory: Path, *, device: str = "cpu") -> tuple["nn.Module", dict[str, Any]]:
-    """Rebuild a saved model from its name and weights; nothing is unpickled."""
+    """Rebuild a saved model from its name and weights, for inference on device (channels_last where that is
+    faster: see channels_last); nothing is unpickled."""
+    import torch
     from safetensors.torch import load_file
 
     meta = json.loads((Path(directory) / META_FILE).read_text())
     spec = Preprocess.from_dict(meta["preprocess"])
     model = build_model(meta["model"], num_classes=len(meta["classes"]), in_channels=spec.channels)
     model.load_state_dict(load_file(str(Path(directory) / WEIGHTS_FILE), device=device))
-    return model.to(device).eval(), meta
+    model.to(device)
+    if channels_last(device):
+        model.to(memory_format=torch.channels_last)
+    return model.eval(), meta

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from tasks.io import write_json
+from tasks.models import channels_last
 from tasks.preprocess import Preprocess, load_tensor, normalize
 
 if TYPE_CHECKING:
@@ -381,14 +382,6 @@ def class_weights(labels: "torch.Tensor", num_classes: int, mode: str) -> "torch
         return None
     counts = torch.bincount(labels, minlength=num_classes).clamp(min=1).float()
     return len(labels) / (num_classes * counts)
-
-
-def channels_last(device: str) -> bool:
-    """Whether training runs the model and its batches in channels_last memory format on this device: on CUDA
-    (tensor cores) and on CPU, where oneDNN's convolutions are faster that way (measured per training step:
-    smallcnn 1.25x, MobileNetV3 1.5x, EfficientNet-B0 1.5x, ResNet-18 about even, ConvNeXt and ViT even); not
-    on MPS. The saved weights are the same either way (saved contiguous)."""
-    return device.split(":")[0] in {"cuda", "cpu"}
 
 
 def _evaluate(model: "nn.Module", images: "torch.Tensor | DecodedFiles", labels: "torch.Tensor", spec: Preprocess,

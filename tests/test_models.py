@@ -32,7 +32,7 @@ def test_torchvision_models_are_fed_rgb_even_for_grayscale_data():
         build_model("resnet18", num_classes=3, in_channels=1)
 
 
-def test_save_and_load_roundtrip_gives_identical_outputs_without_pickle(tmp_path: Path):
+def test_save_and_load_roundtrip_gives_identical_weights_and_outputs_without_pickle(tmp_path: Path):
     torch.manual_seed(0)
     model = build_model("smallcnn", num_classes=4, in_channels=1).eval()
     spec = Preprocess.for_mode("L", 24)
@@ -40,9 +40,14 @@ def test_save_and_load_roundtrip_gives_identical_outputs_without_pickle(tmp_path
     files = sorted(p.name for p in tmp_path.iterdir())
     assert files == ["model.json", "model.safetensors"]
     loaded, meta = load_model(tmp_path)
+    saved = model.state_dict()
+    assert all(torch.equal(saved[k], v) for k, v in loaded.state_dict().items())
+    # loaded for inference in channels_last on CPU (faster convolutions): the same numbers up to float rounding
+    conv = next(m for m in loaded.modules() if isinstance(m, torch.nn.Conv2d) and m.in_channels > 1)
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last) and not conv.weight.is_contiguous()
     x = torch.randn(3, 1, 24, 24)
     with torch.no_grad():
-        assert torch.equal(model(x), loaded(x))
+        torch.testing.assert_close(loaded(x), model(x), rtol=1e-5, atol=1e-5)
     assert meta["classes"] == ["a", "b", "c", "d"]
     assert Preprocess.from_dict(meta["preprocess"]) == spec
 
