@@ -154,8 +154,12 @@ def register_gate_promote(root: str, *, allow_promotion: bool) -> dict[str, Any]
     current = registry.champion_version(client, out["model_name"])
     out["champion"] = str(current.version) if current else None
     if not out["registered"]:
-        out.update(promoted=False, gate=None, reason="already registered by an earlier run: nothing new to decide")
-        return out
+        if not registry.gate_pending(client.get_model_version(out["model_name"], out["version"]).tags):
+            out.update(promoted=False, gate=None, reason="already registered by an earlier run: nothing new to decide")
+            return out
+        out["resumed"] = True  # registered by a run that ended before its gate decided: decide now
+        get_run_logger().warning("%s v%s was registered by an earlier run that ended before its gate decided: "
+                                 "deciding now", out["model_name"], out["version"])
     remote = task(push, name="push", retries=3, retry_delay_seconds=10, timeout_seconds=3600)(root)
     out["dvc_remote"] = remote
     if remote:

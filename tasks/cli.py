@@ -106,7 +106,9 @@ def _print_summary(s: dict) -> None:
     for warning in s.get("split_warnings") or []:
         table.add_row("split warning", warning)
     table.add_row("test accuracy", f"{s['accuracy']:.4f}  (macro F1 {s['macro_f1']:.4f})")
-    table.add_row("model version", f"{s['model_name']} v{s['version']}" + ("  (new)" if s["registered"] else "  (already registered, nothing new)"))
+    table.add_row("model version", f"{s['model_name']} v{s['version']}" + (
+        "  (new)" if s["registered"] else "  (registered by an earlier run that ended before its gate decided)"
+        if s.get("resumed") else "  (already registered, nothing new)"))
     table.add_row("champion", f"v{s['champion']}" + ("  <- promoted" if s["promoted"] else "") if s["champion"] else "none")
     gate = s.get("gate")
     if gate:

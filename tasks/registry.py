@@ -158,6 +158,13 @@ def promote_if_unchanged(client: "MlflowClient", name: str, version: str, *, exp
         set_champion(client, name, version, reason)
 
 
+def gate_pending(version_tags: dict[str, str]) -> bool:
+    """Pure: a registered version that has no gate decision on it: the run that registered it ended before its
+    gate decided (a crash, a kill, a timeout). The next run for the same training run decides instead of
+    calling it "already registered"."""
+    return "gate" not in version_tags
+
+
 def previous_champion(history: list[dict[str, str]], current: str | None) -> str | None:
     """Pure: the version `champion` pointed at before its latest move to current."""
     for move in reversed(history):
@@ -168,12 +175,21 @@ def previous_champion(history: list[dict[str, str]], current: str | None) -> str
 
 # ---------------------------------------------------------------- gate inputs and record
 
+def duplicate_groups(manifest: "pd.DataFrame", grouped: "pd.DataFrame") -> list[str | None]:
+    """Pure: each manifest row's duplicate group: its near-duplicate group from the split stage's groups.csv
+    (`grouped`: path, group), else its own sha256; None for a row with no sha256 (a file never read: not
+    ingested, say, and so in no split)."""
+    group_of = dict(zip(grouped["path"], "g" + grouped["group"].astype(str)))
+    return [group_of.get(p) or (f"s{h}" if isinstance(h, str) and h else None)
+            for p, h in zip(manifest["path"], manifest["sha256"])]
+
+
 def cross_split_duplicates(manifest: "pd.DataFrame", splits: dict[str, "pd.DataFrame"]) -> int:
     """Pure: how many duplicate groups (same sha256, or same `group` when the manifest has one) sit in
-    more than one split."""
+    more than one split. Rows without a key (no sha256: never read) belong to no group."""
     key = "group" if "group" in manifest.columns else "sha256"
     where: dict[str, set[str]] = {}
-    lookup = dict(zip(manifest["path"], manifest[key].astype(str)))
+    lookup = {p: k for p, k in zip(manifest["path"], manifest[key]) if isinstance(k, str) and k}
     for split_name, frame in splits.items():
         for path in frame["path"]:
             if path in lookup:
@@ -209,9 +225,7 @@ def gate_input(root: Path, client: "MlflowClient", name: str, *, candidate_versi
     manifest = pd.read_csv(root / "data/manifest.csv", dtype={"label": str, "sha256": str})
     groups_csv = root / "data/splits/groups.csv"
     if groups_csv.exists():  # near-duplicate groups from the split stage; other images are their own group
-        grouped = pd.read_csv(groups_csv, dtype=str)
-        group_of = dict(zip(grouped["path"], "g" + grouped["group"]))
-        manifest["group"] = [group_of.get(p, "s" + h) for p, h in zip(manifest["path"], manifest["sha256"])]
+        manifest["group"] = duplicate_groups(manifest, pd.read_csv(groups_csv, dtype=str))
     predictions = pd.read_csv(root / "reports/predictions.csv", dtype={"label": str, "prediction": str})
     candidate_correct = (predictions["label"] == predictions["prediction"]).tolist()
 

@@ -8,6 +8,7 @@ import binascii
 from pathlib import Path
 
 import mlflow
+import pandas as pd
 from mlflow.pyfunc import PythonModel
 
 
@@ -35,9 +36,9 @@ class ImageClassifier(PythonModel):
         self.spec = Preprocess.from_dict(self.meta["preprocess"])
         self.classes = list(self.meta["classes"])
 
-    def predict(self, context, model_input, params=None):
-        import pandas as pd
-
+    def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
+        # (the DataFrame hint is one MLflow takes without inferring a schema from it; with no hint it warns on
+        # every load that hints are missing)
         from tasks.predict import predict_sources
 
         frame = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame({"image": list(model_input)})

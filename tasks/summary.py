@@ -10,6 +10,12 @@ from typing import Any
 log = logging.getLogger("imgclf.notify")
 
 
+def _registration(summary: dict[str, Any]) -> str:
+    if summary.get("registered"):
+        return "new"
+    return "gate decided now" if summary.get("resumed") else "already registered"
+
+
 def run_markdown(summary: dict[str, Any], *, validation: dict[str, Any] | None, tracking_uri: str,
                  experiment_id: str | None) -> str:
     """The run's summary for the Prefect UI: data, validation, metrics, gate, links."""
@@ -30,7 +36,7 @@ def run_markdown(summary: dict[str, Any], *, validation: dict[str, Any] | None, 
         f"| test accuracy | {summary.get('accuracy', float('nan')):.4f} |",
         f"| test macro F1 | {summary.get('macro_f1', float('nan')):.4f} |",
         f"| model version | {summary.get('model_name')} v{summary.get('version')} "
-        f"({'new' if summary.get('registered') else 'already registered'}) |",
+        f"({_registration(summary)}) |",
         f"| champion | {('v' + str(summary['champion'])) if summary.get('champion') else 'none'}"
         f"{' (promoted)' if summary.get('promoted') else ''} |",
         f"| gate | {('passed' if gate['passed'] else 'FAILED') if gate else 'not run'} |",

@@ -379,11 +379,12 @@ class ValidationOutcome:
 
 
 def _note_counts(manifest: "pd.DataFrame") -> dict[str, int]:
+    """How many accepted files each policy note applies to. Notes are joined by "; " (a mode name can hold a
+    ";" of its own: I;16); the frame count is left out of the key, so one line covers every multi-frame file."""
     counts: dict[str, int] = {}
     for note in manifest.loc[manifest["accepted"], "note"]:
-        for part in filter(None, (n.strip() for n in str(note).split(";"))):
-            key = part.split(" but ")[0] if part.startswith("extension") else part
-            key = "first frame of a multi-frame file used" if key.startswith("first of") else key
+        for part in filter(None, (n.strip() for n in str(note).split("; "))):
+            key = "first frame of a multi-frame file used" if part.startswith("first of") else part
             counts[key] = counts.get(key, 0) + 1
     return dict(sorted(counts.items()))
 

@@ -12,7 +12,7 @@ from tasks import registry, tracking
 from tasks.models import build_model, save_model
 from tasks.preprocess import Preprocess
 from tasks.gate import Decision
-from tasks.registry import PromotionConflict, cross_split_duplicates, previous_champion
+from tasks.registry import PromotionConflict, cross_split_duplicates, duplicate_groups, previous_champion
 
 
 def test_previous_champion_walks_the_history_back():
@@ -148,6 +148,21 @@ def test_cross_split_duplicates_counts_groups_in_more_than_one_split():
     assert cross_split_duplicates(manifest, splits) == 0
     grouped = manifest.assign(group=["g1", "g2", "g1", "g3"])  # near-duplicate groups win over sha256
     assert cross_split_duplicates(grouped, splits) == 1
+
+
+def test_duplicate_groups_from_the_split_stage_with_rows_that_were_never_read():
+    """A manifest as validate writes it when ingest refused files: their rows have no sha256 (NaN once read
+    back). They used to crash the gate ("s" + NaN) whenever the split stage had found near-duplicates."""
+    import io
+
+    manifest = pd.read_csv(io.StringIO("path,label,sha256\na.png,x,11\nb.png,x,22\nc.png,y,33\n"
+                                       "stray.jpg,,\nd.png,y,11\n"), dtype={"label": str, "sha256": str})
+    grouped = pd.DataFrame({"path": ["a.png", "c.png"], "group": ["0", "0"]})  # a and c: near-duplicates
+    groups = duplicate_groups(manifest, grouped)
+    assert groups == ["g0", "s22", "g0", None, "s11"]
+    splits = {"train": pd.DataFrame({"path": ["a.png", "b.png"]}), "test": pd.DataFrame({"path": ["c.png", "d.png"]})}
+X
+    assert cross_split_duplicates(manifest, splits) == 1  # by sha256 alone: a and d do; the row without one is in no group
 
 
 def test_served_model_loads_without_pickle_and_predicts_paths_bytes_and_base64(tmp_path: Path, store):

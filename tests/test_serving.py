@@ -116,3 +116,17 @@ def test_mlflow_models_serve_answers_invocations(server):
     finally:
         stop_group(proc)
     assert proc.poll() is not None
+
+
+def test_the_served_model_class_loads_without_mlflow_warnings():
+    """MLflow checks a PythonModel's predict hints when its class is defined (on every load of a served model):
+    without one it printed a "type hints" UserWarning at every `imgclf predict`."""
+    import importlib
+    import warnings
+
+    import tasks.serving
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        importlib.reload(tasks.serving)
+    assert [str(w.message) for w in caught if issubclass(w.category, UserWarning)] == []
