@@ -316,16 +316,24 @@ def reproduce(
 
 
 @app.command("lr-find")
-def lr_find() -> None:
+def lr_find(
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override a param for this test only: section.key=value (repeatable), e.g. train.model=resnet18.")] = None,
+) -> None:
     """Learning-rate range test on the train split: reports/lr_find.png + .json and a suggested train.lr."""
     root = project_root()
+    try:
+        overrides = parse_overrides(set_ or [])
+        load_params(root / "params.yaml", overrides)
+    except ParamsError as exc:
+        console.print(f"[red]{exc}[/]")
+        raise typer.Exit(2) from None
     if not (root / "data/splits/train.csv").exists():
         console.print("[red]no data/splits yet:[/] run `imgclf run` (or `dvc repro split`) first")
         raise typer.Exit(2)
     os.chdir(root)
     from tasks.lr_find import main as run_lr_find
 
-    run_lr_find()
+    run_lr_find(overrides)
 
 
 @app.command()

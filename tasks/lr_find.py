@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from tasks.io import write_json
 from tasks.preprocess import Preprocess, normalize
@@ -102,8 +102,9 @@ def plot(result: LrFindResult, dest: Path) -> None:
     plt.close(fig)
 
 
-def main() -> None:
-    """`python -m tasks.lr_find`: range test on the train split with params.yaml's model; plot + JSON in reports/."""
+def main(overrides: dict[str, Any] | None = None) -> None:
+    """`python -m tasks.lr_find` (`imgclf lr-find`): range test on the train split with params.yaml's model and
+    recipe (with `overrides`, e.g. {"train.model": "resnet18"}); plot + JSON in reports/."""
     import pandas as pd
 
     from tasks.config import load_params
@@ -111,7 +112,7 @@ def main() -> None:
     from tasks.train import MANIFEST, RAW_DIR, SPLITS_DIR, config_from_params, prepare, seed_everything
     from tasks.validate import dataset_mode
 
-    params = load_params()
+    params = load_params(overrides=overrides)
     cfg = config_from_params(params)
     seed_everything(cfg.seed)
     data = prepare(cfg, raw_dir=RAW_DIR, splits_dir=SPLITS_DIR,
@@ -120,7 +121,9 @@ def main() -> None:
                         pretrained=cfg.pretrained)
     result = lr_find(model, data.train, data.spec, cfg)
     plot(result, PLOT)
-    write_json(RESULT, {"suggested_lr": result.suggested_lr, "lrs": result.lrs, "losses": result.losses})
+    write_json(RESULT, {"suggested_lr": result.suggested_lr, "model": cfg.model, "image_size": cfg.image_size,
+                        "batch_size": cfg.batch_size, "optimizer": cfg.optimizer, "lrs": result.lrs,
+                        "losses": result.losses})
     print(f"suggested lr {result.suggested_lr:.2e} (train.lr is {cfg.lr:g}); plot: {PLOT}")
 
 

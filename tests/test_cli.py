@@ -32,3 +32,42 @@ def test_schedule_without_a_server_explains_what_to_do(monkeypatch):
     res = subprocess.run([IMGCLF, "schedule"], capture_output=True, text=True, timeout=60, env=env,
                          cwd=Path(__file__).resolve().parent.parent)
     assert res.returncode == 2 and "prefect server start" in res.stdout
+
+
+def test_lr_find_runs_on_the_projects_splits_with_overrides_for_this_test_only(tmp_path):
+    """`imgclf lr-find --set ...` in a project whose splits exist: plot + JSON, params.yaml untouched."""
+    import json
+    import shutil
+
+    import numpy as np
+    from PIL import Image
+
+    repo = Path(__file__).resolve().parent.parent
+    shutil.copy(repo / "params.yaml", tmp_path / "params.yaml")
+    (tmp_path / "dvc.yaml").write_text("stages: {}\n")  # what makes it a project root
+    rng = np.random.default_rng(0)
+    rows = []
+    for label in ("dark", "light"):
+        (tmp_path / "data/raw" / label).mkdir(parents=True)
+        for i in range(24):
+            base = 40 if label == "dark" else 200
+            Image.fromarray(rng.integers(base - 30, base + 30, (12, 12), dtype=np.uint8), mode="L").save(
+                tmp_path / "data/raw" / label / f"{i}.png")
+            rows.append((f"{label}/{i}.png", label))
+    (tmp_path / "data/splits").mkdir()
+    for name, part in (("train", rows[::2]), ("val", rows[1::2])):
+        (tmp_path / f"data/splits/{name}.csv").write_text("path,label\n" + "".join(f"{p},{lab}\n" for p, lab in part))
+    (tmp_path / "data/manifest.csv").write_text(
+        "path,label,mode,accepted\n" + "".join(f"{p},{lab},L,True\n" for p, lab in rows))
+    before = (tmp_path / "params.yaml").read_bytes()
+    res = subprocess.run([IMGCLF, "lr-find", "--set", "train.image_size=12", "--set", "train.batch_size=8"],
+                         capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "suggested lr" in res.stdout and (tmp_path / "reports/lr_find.png").is_file()
+    result = json.loads((tmp_path / "reports/lr_find.json").read_text())
+    assert min(result["lrs"]) <= result["suggested_lr"] <= max(result["lrs"])
+    assert (result["image_size"], result["batch_size"]) == (12, 8)  # the recipe tested: params + overrides
+    assert (tmp_path / "params.yaml").read_bytes() == before
+    bad = subprocess.run([IMGCLF, "lr-find", "--set", "train.nope=1"], capture_output=True, text=True, timeout=60,
+                         cwd=tmp_path)
+    assert bad.returncode == 2 and "unknown parameter 'train.nope'" in bad.stdout
