@@ -94,6 +94,7 @@ def register_candidate(root: str) -> dict[str, Any]:
         from tasks.reproduce import log_lineage
 
         log_lineage(client, reg.run_id, rootp)
+        registry.log_seen(client, reg.run_id, rootp)
     return {"version": reg.version, "registered": reg.created, "run_id": reg.run_id,
             "model_name": params.register_.model_name}
 

@@ -30,12 +30,17 @@ class Policy:
 
 @dataclass(frozen=True)
 class ChampionScore:
-    """The champion re-scored on the candidate's (current) test split."""
+    """The champion re-scored on the candidate's (current) test split: on every test image, or (`compared`) on
+    those it never saw in training, when the data changed since it was trained and it knows what it saw."""
 
     version: str
     correct: Sequence[bool]
     per_class_recall: dict[str, float]
     data_time: str | None = None
+    compared: Sequence[int] | None = None     # indices of the test images compared on; None: all of them
+    candidate_per_class_recall: dict[str, float] | None = None  # the candidate's, on those same images
+    excluded: int = 0                          # test images left out: the champion trained (or chose) on them
+    seen_known: bool = True                    # False: the champion has no record of its training images
 
 
 @dataclass(frozen=True)
@@ -171,17 +176,24 @@ def _against_champion(inp: GateInput, champ: ChampionScore, policy: Policy) -> l
         checks.append(Check("data_freshness", fresh, inp.data_time, champ.data_time,
                             "" if fresh else "the candidate was trained on data older than the champion's"))
     cand = inp.candidate_correct
+    if cand is not None and champ.compared is not None:
+        cand = [cand[i] for i in champ.compared] if all(0 <= i < len(cand) for i in champ.compared) else None
+    on = _compared_on(champ, len(cand) if cand is not None else 0)
     if cand is None or len(cand) != len(champ.correct) or not len(cand):
         checks.append(Check("non_inferiority", False, None, -policy.margin,
-                            "no paired per-image results for the candidate and the champion"))
+                            "no paired per-image results for the candidate and the champion"
+                            + (f" ({on})" if champ.excluded else "")))
         return checks
     diff, low, high = paired_bootstrap_diff(cand, champ.correct, samples=policy.bootstrap_samples,
                                             confidence=policy.confidence, seed=policy.seed)
     p = mcnemar_p(cand, champ.correct)
     checks.append(Check("non_inferiority", low > -policy.margin, [low, high], -policy.margin,
                         f"accuracy difference {diff:+.4f}, {policy.confidence:.0%} paired bootstrap interval "
-                        f"[{low:+.4f}, {high:+.4f}] must stay above -{policy.margin}; McNemar p={p:.3f}"))
-    per_class = (inp.metrics or {}).get("per_class", {})
+                        f"[{low:+.4f}, {high:+.4f}] must stay above -{policy.margin}; McNemar p={p:.3f}; {on}"))
+    if champ.candidate_per_class_recall is not None:
+        per_class = {c: {"recall": r} for c, r in champ.candidate_per_class_recall.items()}
+    else:
+        per_class = (inp.metrics or {}).get("per_class", {})
     drops = {c: champ.per_class_recall[c] - v["recall"] for c, v in per_class.items()
              if c in champ.per_class_recall and _finite(v.get("recall"))}
     worst = max(drops, key=drops.get) if drops else None
@@ -190,6 +202,17 @@ def _against_champion(inp: GateInput, champ: ChampionScore, policy: Policy) -> l
                         policy.max_class_recall_drop,
                         f"largest recall drop: class {worst!r} {worst_drop:+.4f}" if worst else "no shared classes"))
     return checks
+
+
+def _compared_on(champ: ChampionScore, n: int) -> str:
+    """Which test images the comparison used, in words."""
+    if not champ.seen_known:
+        return (f"on all {n} test images (v{champ.version} has no record of the images it trained on: any it "
+                "saw count for it)")
+    if champ.excluded:
+        return (f"on the {n} test images v{champ.version} never trained on ({champ.excluded} it trained or chose "
+                "its epoch on left out)")
+    return f"on all {n} test images"
 
 
 def per_class_recall(labels: Sequence[str], predictions: Sequence[str]) -> dict[str, float]:

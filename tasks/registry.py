@@ -211,8 +211,49 @@ def rescore(model_uri: str, paths: list[Path], *, batch_size: int = 256) -> list
     return labels
 
 
+SEEN = "lineage/seen_sha256.txt"  # on a registered version's run: the images it trained (or chose its epoch) on
+
+
+def seen_images(manifest: "pd.DataFrame", splits: dict[str, "pd.DataFrame"]) -> list[str]:
+    """Pure: the sha256 of every image a model trained on these splits saw: train, and val (it chose the best
+    epoch), sorted and unique."""
+    sha_of = dict(zip(manifest["path"], manifest["sha256"]))
+    return sorted({h for name in ("train", "val") for p in splits[name]["path"]
+                   if isinstance(h := sha_of.get(p), str) and h})
+
+
+def unseen(test_sha256: list[str | None], seen: set[str]) -> list[int]:
+    """Pure: indices of the test images whose bytes are not among `seen` (an image with no sha256 counts as
+    unseen): what a champion trained on `seen` is compared with a candidate on, when the split moved under it."""
+    return [i for i, h in enumerate(test_sha256) if not (isinstance(h, str) and h in seen)]
+
+
+def log_seen(client: "MlflowClient", run_id: str, root: Path) -> None:
+    """Record on a registered run which images it saw (SEEN), for later gates to compare it fairly."""
+    import pandas as pd
+
+    manifest = pd.read_csv(root / "data/manifest.csv", dtype={"path": str, "sha256": str})
+    splits = {s: pd.read_csv(root / f"data/splits/{s}.csv", dtype={"path": str}) for s in ("train", "val")}
+    client.log_text(run_id, "".join(h + "\n" for h in seen_images(manifest, splits)), SEEN)
+
+
+def _seen_by(run_id: str) -> set[str] | None:
+    """What a registered run recorded as seen; None when it recorded nothing (registered before SEEN existed)."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    try:
+        text = mlflow.artifacts.load_text(f"runs:/{run_id}/{SEEN}")
+    except (MlflowException, OSError):
+        return None
+    return set(text.split())
+
+
 def gate_input(root: Path, client: "MlflowClient", name: str, *, candidate_version: str) -> GateInput:
-    """Everything the gate needs, read from the project's outputs and the registry."""
+    """Everything the gate needs, read from the project's outputs and the registry.
+
+    The champion is re-scored on the candidate's test images that it never saw: after a data change the split
+    is drawn anew, and images it trained on may now be test images, which would flatter it."""
     import pandas as pd
 
     from tasks.io import sha256_file
@@ -232,15 +273,25 @@ def gate_input(root: Path, client: "MlflowClient", name: str, *, candidate_versi
     champion = None
     current = champion_version(client, name)
     if current is not None and str(current.version) != candidate_version:
+        seen = _seen_by(current.run_id)
+        sha_of = dict(zip(manifest["path"], manifest["sha256"]))
+        paths, labels = predictions["path"].tolist(), predictions["label"].tolist()
+        idx = unseen([sha_of.get(p) for p in paths], seen) if seen is not None else list(range(len(paths)))
+        labels_on = [labels[i] for i in idx]
+        predicted = predictions["prediction"].tolist()
+        candidate_on = [predicted[i] for i in idx]
         try:
-            champ_pred = rescore(f"models:/{name}/{current.version}", [root / "data/raw" / p for p in predictions["path"]])
-            correct = [a == b for a, b in zip(predictions["label"], champ_pred)]
-            recall = per_class_recall(predictions["label"].tolist(), champ_pred)
+            champ_pred = rescore(f"models:/{name}/{current.version}", [root / "data/raw" / paths[i] for i in idx])
+            correct = [a == b for a, b in zip(labels_on, champ_pred)]
+            recall = per_class_recall(labels_on, champ_pred)
         except Exception as exc:  # the gate must refuse, not crash, when the champion cannot be re-scored
             correct, recall = [], {}
             client.set_model_version_tag(name, candidate_version, "gate.champion_error", str(exc)[:500])
-        champion = ChampionScore(version=str(current.version), correct=correct, per_class_recall=recall,
-                                 data_time=current.tags.get("data.time") or None)
+        champion = ChampionScore(
+            version=str(current.version), correct=correct, per_class_recall=recall,
+            data_time=current.tags.get("data.time") or None, compared=idx,
+            candidate_per_class_recall=per_class_recall(labels_on, candidate_on),
+            excluded=len(paths) - len(idx), seen_known=seen is not None)
     return GateInput(
         metrics=metrics, candidate_correct=candidate_correct, test_hash_now=sha256_file(test_csv),
         validation_passed=None if validation is None else bool(validation.get("success")),

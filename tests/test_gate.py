@@ -154,3 +154,42 @@ def test_calibration_ceiling_applies_to_the_served_uncalibrated_probabilities():
     scaled_only = metrics(ece=0.01, ece_before=0.2)  # temperature scaling is reported, not served
     assert failed(decide(inp(metrics=scaled_only), policy)) == {"max_ece"}
     assert decide(inp(metrics=metrics(ece=0.01, ece_before=0.03)), policy).passed
+
+
+def test_the_champion_is_compared_only_on_the_test_images_it_never_trained_on():
+    """After a data change the split is drawn anew: images the champion trained on can be test images now. Its
+    score on those would flatter it, so the comparison is paired on the rest (ChampionScore.compared)."""
+    # 300 test images; the first 100 are ones the champion trained on: it is right on all of them, the
+    # candidate is wrong on 20 of them. On the other 200 both are wrong on the same 10.
+    cand = [i >= 20 for i in range(100)] + correct(10)
+    fair = ChampionScore("3", correct(10), {"a": 0.95, "b": 0.95}, None, compared=list(range(100, 300)),
+                         candidate_per_class_recall={"a": 0.95, "b": 0.95}, excluded=100)
+    d = decide(inp(candidate_correct=cand, champion=fair), POLICY)
+    assert d.passed, d.reasons
+    (check,) = [c for c in d.checks if c.name == "non_inferiority"]
+    assert "on the 200 test images v3 never trained on (100 it trained or chose its epoch on left out)" in check.detail
+    flattered = ChampionScore("3", [True] * 100 + correct(10), {"a": 0.95, "b": 0.95}, None)  # the same, on all
+    assert "non_inferiority" in failed(decide(inp(candidate_correct=cand, champion=flattered), POLICY))
+
+
+def test_the_recall_drop_compares_both_models_on_the_same_images():
+    """The candidate's recall on the compared images, not on its whole test split (metrics.json)."""
+    on_same = ChampionScore("3", correct(10), {"a": 0.95, "b": 0.95}, None, compared=list(range(N)),
+                            candidate_per_class_recall={"a": 0.95, "b": 0.70})
+    d = decide(inp(metrics=metrics(recall={"a": 0.95, "b": 0.95}), champion=on_same), POLICY)
+    assert failed(d) == {"class_recall_drop"} and any("'b' +0.2500" in r for r in d.reasons)
+
+
+def test_a_champion_with_no_record_of_its_training_images_is_compared_on_all_and_says_so():
+    old = ChampionScore("3", correct(10), {"a": 0.95, "b": 0.95}, None, seen_known=False)
+    d = decide(inp(champion=old), POLICY)
+    (check,) = [c for c in d.checks if c.name == "non_inferiority"]
+    assert d.passed and "has no record of the images it trained on" in check.detail
+
+
+def test_no_test_image_left_that_the_champion_never_saw_refuses_with_the_reason():
+    saw_all = ChampionScore("3", [], {}, None, compared=[], excluded=N)
+    d = decide(inp(champion=saw_all), POLICY)
+    assert "non_inferiority" in failed(d)
+    assert any("no paired per-image results" in r and f"{N} it trained or chose its epoch on left out" in r
+               for r in d.reasons)

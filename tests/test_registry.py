@@ -161,7 +161,7 @@ def test_duplicate_groups_from_the_split_stage_with_rows_that_were_never_read():
     groups = duplicate_groups(manifest, grouped)
     assert groups == ["g0", "s22", "g0", None, "s11"]
     splits = {"train": pd.DataFrame({"path": ["a.png", "b.png"]}), "test": pd.DataFrame({"path": ["c.png", "d.png"]})}
-X
+    assert cross_split_duplicates(manifest.assign(group=groups), splits) == 1  # group 0 (a, c) straddles the two
     assert cross_split_duplicates(manifest, splits) == 1  # by sha256 alone: a and d do; the row without one is in no group
 
 
@@ -182,3 +182,61 @@ def test_served_model_loads_without_pickle_and_predicts_paths_bytes_and_base64(t
     assert out["probability"].between(0.5, 1.0).all()
     with pytest.raises(ValueError, match="not a readable file path nor base64"):
         model.predict(pd.DataFrame({"image": ["/no/such/file.png"]}))
+
+
+def _gate_project(root: Path, test_rows: list[tuple[str, str, str]]) -> None:
+    """The outputs gate_input reads: manifest (path, label, sha256), splits, candidate predictions, reports."""
+    (root / "data/splits").mkdir(parents=True)
+    (root / "reports/validation").mkdir(parents=True)
+    train = [("old/a.png", "dark", "aa"), ("old/b.png", "light", "bb")]
+    rows = train + test_rows
+    pd.DataFrame(rows, columns=["path", "label", "sha256"]).to_csv(root / "data/manifest.csv", index=False)
+    pd.DataFrame(train[:1], columns=["path", "label", "sha256"]).to_csv(root / "data/splits/train.csv", index=False)
+    pd.DataFrame(train[1:], columns=["path", "label", "sha256"]).to_csv(root / "data/splits/val.csv", index=False)
+    pd.DataFrame(test_rows, columns=["path", "label", "sha256"]).to_csv(root / "data/splits/test.csv", index=False)
+    pd.DataFrame({"path": [r[0] for r in test_rows], "label": [r[1] for r in test_rows],
+                  "prediction": [r[1] for r in test_rows]}).to_csv(root / "reports/predictions.csv", index=False)
+    (root / "reports/metrics.json").write_text("{}")
+    (root / "reports/validation/summary.json").write_text('{"success": true}')
+
+
+def test_the_gate_rescores_the_champion_only_on_test_images_it_never_saw(tmp_path: Path, store, monkeypatch):
+    """The champion's run records the sha256 of its train and val images (log_seen); when a new split puts some
+    of them in the test set, gate_input leaves them out of the champion's re-score and the paired comparison."""
+    from tasks import registry
+
+    _gate_project(tmp_path, [("old/a.png", "dark", "aa")])  # the champion's split: a in train, b in val
+    run_id, uri = _logged_model(tmp_path, 1)
+    registry.log_seen(store, run_id, tmp_path)
+    assert registry._seen_by(run_id) == {"aa", "bb"}
+    version = registry.register(store, "fair", model_uri=uri, run_id=run_id, tags={}).version
+    registry.set_champion(store, "fair", version, "test")
+    # the data changed: a (trained on) and b (validated on) are test images now, beside two new ones
+    new = tmp_path / "new"
+    _gate_project(new, [("old/a.png", "dark", "aa"), ("old/b.png", "light", "bb"), ("new/c.png", "dark", "cc"),
+                        ("new/d.png", "light", float("nan"))])
+    scored: list[list[str]] = []
+    monkeypatch.setattr(registry, "rescore", lambda model, paths: scored.append([p.name for p in paths])
+                        or ["light"] * len(paths))
+    facts = registry.gate_input(new, store, "fair", candidate_version="99")
+    assert scored == [["c.png", "d.png"]]  # (d has no sha256: never read, so never seen either)
+    champ = facts.champion
+    assert champ.compared == [2, 3] and champ.excluded == 2 and champ.seen_known
+    assert champ.correct == [False, True] and champ.candidate_per_class_recall == {"dark": 1.0, "light": 1.0}
+    # a champion registered before runs recorded what they saw: compared on every test image, and marked so
+    other_run, other_uri = _logged_model(tmp_path, 2)
+    assert registry._seen_by(other_run) is None
+    registry.set_champion(store, "fair", registry.register(store, "fair", model_uri=other_uri, run_id=other_run,
+                                                          tags={}).version, "test")
+    facts = registry.gate_input(new, store, "fair", candidate_version="99")
+    assert facts.champion.compared == [0, 1, 2, 3] and not facts.champion.seen_known
+
+
+def test_seen_images_are_the_train_and_val_images_by_content():
+    manifest = pd.DataFrame({"path": ["a", "b", "c", "d", "e"], "sha256": ["1", "2", "3", "1", None]})
+    splits = {"train": pd.DataFrame({"path": ["a", "e"]}), "val": pd.DataFrame({"path": ["b", "d"]}),
+              "test": pd.DataFrame({"path": ["c"]})}
+    from tasks.registry import seen_images, unseen
+
+    assert seen_images(manifest, splits) == ["1", "2"]  # unique; e never read; test images not seen
+    assert unseen(["3", "1", None, "2", "9"], {"1", "2"}) == [0, 2, 4]
