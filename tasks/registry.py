@@ -252,8 +252,9 @@ def _seen_by(run_id: str) -> set[str] | None:
 def gate_input(root: Path, client: "MlflowClient", name: str, *, candidate_version: str) -> GateInput:
     """Everything the gate needs, read from the project's outputs and the registry.
 
-    The champion is re-scored on the candidate's test images that it never saw: after a data change the split
-    is drawn anew, and images it trained on may now be test images, which would flatter it."""
+    The champion is re-scored on the candidate's test images that it never saw: after a data change some
+    images it trained on may be test images now (boundary groups of the stable split move; a champion of
+    other splits), which would flatter it."""
     import pandas as pd
 
     from tasks.io import sha256_file

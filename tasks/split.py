@@ -101,9 +101,22 @@ def group_ids(sha256: list[str], phash: list[str | None], *, max_distance: int |
 
 # --- assignment ---------------------------------------------------------------------------------------
 
-def _assign_class(sizes: list[int], names: list[str], fractions: dict[str, float],
-                  rng: "np.random.Generator") -> list[str]:
-    """Split names for one class's groups: stratified targets, groups kept whole, every split non-empty."""
+def rank_key(seed: int, key: str) -> int:
+    """A group's place in its class's order: a hash of the seed and the group's content (its smallest sha256).
+    It does not depend on the other images, so adding or removing images moves few groups between splits."""
+    import hashlib
+
+    return int.from_bytes(hashlib.sha256(f"{seed}:{key}".encode()).digest()[:8], "big")
+
+
+def _assign_class(sizes: list[int], keys: list[str], names: list[str], fractions: dict[str, float],
+                  seed: int) -> list[str]:
+    """Split names for one class's groups: stratified targets, groups kept whole, every split non-empty.
+
+    Groups are taken in rank_key order: test fills to its target first, then val, the rest is train. A group
+    keeps its split as long as it keeps its place relative to the targets, so a new data version (images
+    added or removed) leaves nearly every earlier test image in test: runs stay comparable, and a champion
+    re-scored on the new test split has seen few of its images."""
     n = sum(sizes)
     ordered = [s for s in ("test", "val", "train") if s in names]
     target, left = {}, n
@@ -111,11 +124,10 @@ def _assign_class(sizes: list[int], names: list[str], fractions: dict[str, float
         target[name] = min(max(1, round(n * fractions[name])), left - (len(ordered) - 1 - i))
         left -= target[name]
     target["train"] = left
-    order = sorted(rng.permutation(len(sizes)), key=lambda g: -sizes[g])  # big groups first; stable shuffle
     have = {name: 0 for name in ordered}
     out = [""] * len(sizes)
-    for g in order:
-        name = max(ordered, key=lambda s: target[s] - have[s])
+    for g in sorted(range(len(sizes)), key=lambda g: (rank_key(seed, keys[g]), keys[g])):
+        name = next((s for s in ordered[:-1] if have[s] < target[s]), ordered[-1])
         out[g] = name
         have[name] += sizes[g]
     for name in ordered:  # a split left empty takes the smallest group of the split with most groups
@@ -138,10 +150,8 @@ def _group_table(rows: "pd.DataFrame") -> "pd.DataFrame":
 def _carve(rows: "pd.DataFrame", names: list[str], *, val_fraction: float, test_fraction: float,
            seed: int) -> "pd.Series":
     """Assign rows' groups to `names` (train plus val and/or test), stratified by group label."""
-    import numpy as np
-
-    rng = np.random.default_rng(seed)
     table = _group_table(rows)
+    table["key"] = rows.groupby("group")["sha256"].min().astype(str)  # the group's content, whatever its paths
     counts = table.groupby("label")["size"].agg(["sum", "count"])
     small = counts[counts["count"] < len(names)]
     if len(small):
@@ -154,7 +164,8 @@ def _carve(rows: "pd.DataFrame", names: list[str], *, val_fraction: float, test_
     assigned: dict[int, str] = {}
     for label in sorted(table["label"].unique()):
         members = table[table["label"] == label]
-        assigned.update(zip(members.index, _assign_class(members["size"].tolist(), names, fractions, rng)))
+        assigned.update(zip(members.index, _assign_class(members["size"].tolist(), members["key"].tolist(), names,
+                                                         fractions, seed)))
     return rows["group"].map(assigned).rename("split")
 
 

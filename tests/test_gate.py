@@ -157,8 +157,8 @@ def test_calibration_ceiling_applies_to_the_served_uncalibrated_probabilities():
 
 
 def test_the_champion_is_compared_only_on_the_test_images_it_never_trained_on():
-    """After a data change the split is drawn anew: images the champion trained on can be test images now. Its
-    score on those would flatter it, so the comparison is paired on the rest (ChampionScore.compared)."""
+    """After a data change, images the champion trained on can be test images (a moved group, re-added bytes).
+    Its score on those would flatter it, so the comparison is paired on the rest (ChampionScore.compared)."""
     # 300 test images; the first 100 are ones the champion trained on: it is right on all of them, the
     # candidate is wrong on 20 of them. On the other 200 both are wrong on the same 10.
     cand = [i >= 20 for i in range(100)] + correct(10)

@@ -312,3 +312,30 @@ def test_group_table_takes_each_groups_majority_label_ties_to_the_first_name():
         assert table.loc[group, "size"] == len(members) and table.loc[group, "first"] == members["path"].min()
         assert table.loc[group, "n_labels"] == members["label"].nunique()
     assert list(table["first"]) == sorted(table["first"])
+
+
+def test_adding_images_leaves_nearly_every_image_in_its_split():
+    """A new data version (more images) must not redraw the split: the old test images stay test images, so
+    runs stay comparable and the gate can compare a champion on test images it never trained on. (A seeded
+    shuffle of the groups moved about half the images.)"""
+    base = _hashed({"a": 300, "b": 200})
+    extra = _hashed({"a": 60, "b": 40}, seed=1)
+    extra["path"] = "new_" + extra["path"]
+    extra["sha256"] = [f"{i + 10**6:064x}" for i in range(len(extra))]
+    kw = dict(val_fraction=0.15, test_fraction=0.15, seed=3, near_duplicate_distance=None)
+    before = assign_splits(base, **kw)[0].set_index("path")["split"]
+    after = assign_splits(pd.concat([base, extra], ignore_index=True), **kw)[0].set_index("path")["split"]
+    moved = (before != after.loc[before.index]).mean()
+    assert moved < 0.05, f"{moved:.0%} of the images changed split"
+    removed = assign_splits(base.iloc[::2], **kw)[0].set_index("path")["split"]  # half the images gone
+    assert (removed != before.loc[removed.index]).mean() < 0.10
+    assert set(after.loc[extra["path"]]) == {"train", "val", "test"}  # the new images are split as usual
+
+
+def test_the_split_follows_image_content_not_file_names():
+    base = _hashed({"a": 40, "b": 40})
+    renamed = base.assign(path=[f"{lab}/{n:04d}.png" for lab, n in zip(base["label"], range(len(base), 0, -1))])
+    kw = dict(val_fraction=0.15, test_fraction=0.15, seed=3, near_duplicate_distance=None)
+    a = assign_splits(base, **kw)[0].sort_values("sha256")["split"].tolist()
+    b = assign_splits(renamed, **kw)[0].sort_values("sha256")["split"].tolist()
+    assert a == b
