@@ -88,15 +88,17 @@ def register_candidate(root: str) -> dict[str, Any]:
     run_info = json.loads((rootp / "models/candidate/mlflow.json").read_text())
     metrics = json.loads((rootp / "reports/metrics.json").read_text())
     tags = registry.lineage_tags(rootp, metrics, params.digest())
-    reg = registry.register(client, params.register_.model_name, model_uri=run_info["model_uri"],
-                            run_id=run_info["run_id"], tags=tags)
-    if reg.created:
+    name = params.register_.model_name
+    reg = registry.register(client, name, model_uri=run_info["model_uri"], run_id=run_info["run_id"], tags=tags)
+    # registered by a run that ended before its gate decided (its lineage may be missing too): decide now
+    pending = not reg.created and registry.gate_pending(client.get_model_version(name, reg.version).tags)
+    if reg.created or pending:
         from tasks.reproduce import log_lineage
 
-        log_lineage(client, reg.run_id, rootp)
+        log_lineage(client, reg.run_id, rootp)  # (the same training run's outputs: rewriting them is idempotent)
         registry.log_seen(client, reg.run_id, rootp)
-    return {"version": reg.version, "registered": reg.created, "run_id": reg.run_id,
-            "model_name": params.register_.model_name}
+    return {"version": reg.version, "registered": reg.created, "gate_pending": pending, "run_id": reg.run_id,
+            "model_name": name}
 
 
 def gate(root: str, version: str, run_id: str) -> dict[str, Any]:
@@ -155,10 +157,10 @@ def register_gate_promote(root: str, *, allow_promotion: bool) -> dict[str, Any]
     current = registry.champion_version(client, out["model_name"])
     out["champion"] = str(current.version) if current else None
     if not out["registered"]:
-        if not registry.gate_pending(client.get_model_version(out["model_name"], out["version"]).tags):
+        if not out["gate_pending"]:
             out.update(promoted=False, gate=None, reason="already registered by an earlier run: nothing new to decide")
             return out
-        out["resumed"] = True  # registered by a run that ended before its gate decided: decide now
+        out["resumed"] = True
         get_run_logger().warning("%s v%s was registered by an earlier run that ended before its gate decided: "
                                  "deciding now", out["model_name"], out["version"])
     remote = task(push, name="push", retries=3, retry_delay_seconds=10, timeout_seconds=3600)(root)

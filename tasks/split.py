@@ -109,11 +109,26 @@ def rank_key(seed: int, key: str) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}:{key}".encode()).digest()[:8], "big")
 
 
+def _held_out_choice(seed: int, key: str, held: list[str], fractions: dict[str, float]) -> str:
+    """The held-out split a group prefers: drawn from its content, test vs val in proportion to their shares."""
+    u = rank_key(seed, "held-out:" + key) / 2.0 ** 64
+    total = sum(fractions[s] for s in held) or 1.0
+    edge = 0.0
+    for name in held:
+        edge += fractions[name] / total
+        if u < edge:
+            return name
+    return held[-1]
+
+
 def _assign_class(sizes: list[int], keys: list[str], names: list[str], fractions: dict[str, float],
                   seed: int) -> list[str]:
     """Split names for one class's groups: stratified targets, groups kept whole, every split non-empty.
 
-    Groups are taken in rank_key order: test fills to its target first, then val, the rest is train. A group
+    Groups are taken in rank_key order: each goes to its own held-out split (test or val, drawn from its
+    content in proportion to their shares) if that has room for it, else to the other one if it has, else
+    to train; so a big group of near-duplicates never swamps test or val, and a class with few distinct
+    images shares them between the two. A group
     keeps its split as long as it keeps its place relative to the targets, so a new data version (images
     added or removed) leaves nearly every earlier test image in test: runs stay comparable, and a champion
     re-scored on the new test split has seen few of its images."""
@@ -127,7 +142,10 @@ def _assign_class(sizes: list[int], keys: list[str], names: list[str], fractions
     have = {name: 0 for name in ordered}
     out = [""] * len(sizes)
     for g in sorted(range(len(sizes)), key=lambda g: (rank_key(seed, keys[g]), keys[g])):
-        name = next((s for s in ordered[:-1] if have[s] < target[s]), ordered[-1])
+        # its own held-out split (drawn from its content, in proportion to the shares) if it has room, else the
+        # other, else train: both fill at their rates, and no group's choice depends on the groups before it
+        held = sorted(ordered[:-1], key=lambda s: s != _held_out_choice(seed, keys[g], ordered[:-1], fractions))
+        name = next((s for s in held if have[s] + sizes[g] <= target[s]), ordered[-1])
         out[g] = name
         have[name] += sizes[g]
     for name in ordered:  # a split left empty takes the smallest group of the split with most groups

@@ -339,3 +339,17 @@ def test_the_split_follows_image_content_not_file_names():
     a = assign_splits(base, **kw)[0].sort_values("sha256")["split"].tolist()
     b = assign_splits(renamed, **kw)[0].sort_values("sha256")["split"].tolist()
     assert a == b
+
+
+def test_a_big_group_of_near_duplicates_goes_to_train_not_to_test():
+    """One picture saved 60 times (one group) beside 40 distinct ones: test and val get distinct images up to
+    their share, the big group trains. (Taking groups in hash order alone once put such a group in test and
+    left its class one training image.)"""
+    frame = _hashed({"a": 100, "b": 100})
+    big = frame.index[frame["label"] == "a"][:60]
+    frame.loc[big, "sha256"] = "f" * 64
+    rows, _ = assign_splits(frame, val_fraction=0.15, test_fraction=0.15, seed=0, near_duplicate_distance=None)
+    a = rows[rows["label"] == "a"]
+    assert set(a.loc[a["sha256"] == "f" * 64, "split"]) == {"train"}
+    counts = a["split"].value_counts().to_dict()
+    assert counts["train"] >= 60 and 1 <= counts["test"] <= 15 and 1 <= counts["val"] <= 15, counts
