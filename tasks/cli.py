@@ -85,7 +85,7 @@ def run(
         console.print(f"[red bold]run failed:[/] {exc}")
         raise typer.Exit(1) from None
     except Exception as exc:  # the stage already printed its own detail
-        console.print(f"[red bold]run failed:[/] {exc}")
+        console.print(f"[red bold]run failed:[/] {exc}" + failure_hint(exc))
         raise typer.Exit(1) from None
     if summary.get("sweep"):
         for cand in summary["sweep"]["candidates"]:
@@ -93,6 +93,21 @@ def run(
             console.print(f"sweep {cand['name']} {json.dumps(cand['overrides'])}: "
                           f"{summary['sweep']['metric']}={cand[summary['sweep']['metric']]}{mark}")
     _print_summary(summary)
+
+
+def failure_hint(exc: BaseException) -> str:
+    """Pure: where to look when a stage's command failed (its own message is above, among the flow's logs)."""
+    import re
+
+    seen: BaseException | None = exc
+    while seen is not None:
+        found = re.search(r"failed to run: python -m tasks\.(\w+), exited with (-?\d+)", str(seen))
+        if found:
+            stage, code = found.groups()
+            return (f" (the {stage} stage's command exited with {code}; its own message, starting "
+                    f"\"{stage} failed\" or \"{stage}:\", is printed above the flow's log lines)")
+        seen = seen.__cause__ or seen.__context__
+    return ""
 
 
 def _print_summary(s: dict) -> None:

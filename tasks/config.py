@@ -247,10 +247,11 @@ class ParamsError(ValueError):
 
 
 def source_overrides(source: str) -> dict[str, str]:
-    """Overrides that point one run at another source; a local path is also what DVC watches."""
+    """Overrides that point one run at another source; a local path is also what DVC watches (for a CSV
+    manifest, the folder holding it and its images)."""
     out = {"ingest.source": source}
     if not source.startswith("sample:") and not is_url(source):
-        out["ingest.watch"] = source
+        out["ingest.watch"] = str(Path(source).parent) if source.lower().endswith(".csv") else source
     return out
 
 

@@ -71,3 +71,20 @@ def test_lr_find_runs_on_the_projects_splits_with_overrides_for_this_test_only(t
     bad = subprocess.run([IMGCLF, "lr-find", "--set", "train.nope=1"], capture_output=True, text=True, timeout=60,
                          cwd=tmp_path)
     assert bad.returncode == 2 and "unknown parameter 'train.nope'" in bad.stdout
+
+
+def test_a_failed_stage_points_at_its_own_message():
+    from dvc.exceptions import ReproductionError
+    from dvc.stage.exceptions import StageCmdFailedError
+
+    from tasks.cli import failure_hint
+
+    try:
+        try:
+            raise StageCmdFailedError("python -m tasks.split", 1)
+        except StageCmdFailedError as inner:
+            raise ReproductionError("split") from inner
+    except ReproductionError as exc:
+        hint = failure_hint(exc)
+    assert "the split stage's command exited with 1" in hint and '"split failed"' in hint
+    assert failure_hint(RuntimeError("gate crashed")) == ""

@@ -300,3 +300,15 @@ def test_source_overrides_watch_local_paths_only():
     assert source_overrides("/data/pets") == {"ingest.source": "/data/pets", "ingest.watch": "/data/pets"}
     assert source_overrides("sample:digits") == {"ingest.source": "sample:digits"}
     assert source_overrides("https://h/x.tgz") == {"ingest.source": "https://h/x.tgz"}
+
+
+def test_source_override_of_a_csv_manifest_watches_its_folder_and_passes_validation(tmp_path):
+    """`imgclf run --source /data/flat/labels.csv` once failed: it set ingest.watch to the CSV itself, which
+    the params check rightly refuses (images next to the CSV would go unwatched)."""
+    from tasks.config import load_params, source_overrides
+
+    overrides = source_overrides("/data/flat/labels.CSV")
+    assert overrides == {"ingest.source": "/data/flat/labels.CSV", "ingest.watch": "/data/flat"}
+    assert source_overrides("/data/pets.zip")["ingest.watch"] == "/data/pets.zip"
+    params = load_params(Path(__file__).resolve().parent.parent / "params.yaml", overrides)
+    assert params.ingest.watch == "/data/flat"
