@@ -128,10 +128,9 @@ def _assign_class(sizes: list[int], keys: list[str], names: list[str], fractions
     Groups are taken in rank_key order: each goes to its own held-out split (test or val, drawn from its
     content in proportion to their shares) if that has room for it, else to the other one if it has, else
     to train; so a big group of near-duplicates never swamps test or val, and a class with few distinct
-    images shares them between the two. A group
-    keeps its split as long as it keeps its place relative to the targets, so a new data version (images
-    added or removed) leaves nearly every earlier test image in test: runs stay comparable, and a champion
-    re-scored on the new test split has seen few of its images."""
+    images shares them between the two. A group keeps its split as long as it keeps its place relative to
+    the targets, so a new data version (images added or removed) leaves nearly every earlier test image in
+    test: runs stay comparable, and a champion re-scored on the new test split has seen few of its images."""
     n = sum(sizes)
     ordered = [s for s in ("test", "val", "train") if s in names]
     target, left = {}, n
@@ -142,8 +141,8 @@ def _assign_class(sizes: list[int], keys: list[str], names: list[str], fractions
     have = {name: 0 for name in ordered}
     out = [""] * len(sizes)
     for g in sorted(range(len(sizes)), key=lambda g: (rank_key(seed, keys[g]), keys[g])):
-        # its own held-out split (drawn from its content, in proportion to the shares) if it has room, else the
-        # other, else train: both fill at their rates, and no group's choice depends on the groups before it
+        # its own held-out split first (a preference drawn from its content alone, so other images never
+        # change it), the other one next, train when neither has room
         held = sorted(ordered[:-1], key=lambda s: s != _held_out_choice(seed, keys[g], ordered[:-1], fractions))
         name = next((s for s in held if have[s] + sizes[g] <= target[s]), ordered[-1])
         out[g] = name
