@@ -143,7 +143,8 @@ def _assign_class(sizes: list[int], keys: list[str], names: list[str], fractions
     for g in sorted(range(len(sizes)), key=lambda g: (rank_key(seed, keys[g]), keys[g])):
         # its own held-out split first (a preference drawn from its content alone, so other images never
         # change it), the other one next, train when neither has room
-        held = sorted(ordered[:-1], key=lambda s: s != _held_out_choice(seed, keys[g], ordered[:-1], fractions))
+        preferred = _held_out_choice(seed, keys[g], ordered[:-1], fractions)
+        held = sorted(ordered[:-1], key=lambda s: s != preferred)
         name = next((s for s in held if have[s] + sizes[g] <= target[s]), ordered[-1])
         out[g] = name
         have[name] += sizes[g]
