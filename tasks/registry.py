@@ -186,10 +186,11 @@ def duplicate_groups(manifest: "pd.DataFrame", grouped: "pd.DataFrame") -> list[
 
 def cross_split_duplicates(manifest: "pd.DataFrame", splits: dict[str, "pd.DataFrame"]) -> int:
     """Pure: how many duplicate groups (same sha256, or same `group` when the manifest has one) sit in
-    more than one split. Rows without a key (no sha256: never read) belong to no group."""
+    more than one split. Rows without a key (None, NaN or empty: a file never read) belong to no group; any
+    other key counts, whatever its type."""
     key = "group" if "group" in manifest.columns else "sha256"
     where: dict[str, set[str]] = {}
-    lookup = {p: k for p, k in zip(manifest["path"], manifest[key]) if isinstance(k, str) and k}
+    lookup = {p: str(k) for p, k in zip(manifest["path"], manifest[key]) if k is not None and k == k and k != ""}
     for split_name, frame in splits.items():
         for path in frame["path"]:
             if path in lookup:

@@ -148,6 +148,7 @@ def test_cross_split_duplicates_counts_groups_in_more_than_one_split():
     assert cross_split_duplicates(manifest, splits) == 0
     grouped = manifest.assign(group=["g1", "g2", "g1", "g3"])  # near-duplicate groups win over sha256
     assert cross_split_duplicates(grouped, splits) == 1
+    assert cross_split_duplicates(manifest.assign(group=[1, 2, 1, 3]), splits) == 1  # numeric keys count too
 
 
 def test_duplicate_groups_from_the_split_stage_with_rows_that_were_never_read():
