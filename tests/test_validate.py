@@ -505,6 +505,18 @@ def test_batched_phash_is_imagehash_phash_of_the_policy_image(image_folder, tmp_
         assert phash == expected == inspect_image(image_folder / rel)["phash"], rel
 
 
+def test_phash_many_in_blocks_equals_one_image_at_a_time():
+    """More images than one DCT block: every hash is the one its image gets alone, in order."""
+    from tasks.validate import PHASH_BLOCK, PHASH_SIDE, phash_many
+
+    rng = np.random.default_rng(3)
+    images = [Image.fromarray(rng.integers(0, 256, (PHASH_SIDE, PHASH_SIDE), dtype=np.uint8), "L")
+              for _ in range(PHASH_BLOCK * 2 + 5)]
+    hashes = phash_many(images)
+    assert len(hashes) == len(images) and len(set(hashes)) > PHASH_BLOCK
+    assert hashes == [phash_many([img])[0] for img in images]
+
+
 def test_discover_lists_files_in_path_order_without_following_folder_links(tmp_path):
     from tasks.validate import discover
 
