@@ -47,6 +47,29 @@ def run_stage(root: str, stage: str) -> list[str]:
     return [s.addressing for s in ran]
 
 
+def stage_command_exit(exc: BaseException | None) -> tuple[str, int] | None:
+    """Pure: (stage, exit code) when exc is (or was caused by) DVC's "failed to run: python -m tasks.<stage>,
+    exited with <code>" (DVC keeps the code only in that text); None for any other failure."""
+    import re
+
+    while exc is not None:
+        found = re.search(r"failed to run: python -m tasks\.(\w+), exited with (-?\d+)", str(exc))
+        if found:
+            return found.group(1), int(found.group(2))
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def worth_retrying(task: Any, task_run: Any, state: Any) -> bool:
+    """Prefect retry_condition_fn for stage tasks: not when the stage's command said trying again cannot help
+    (ingest's exit code for a missing, empty or malformed source); anything else (a network error) may pass."""
+    from tasks.ingest import NOT_RETRYABLE_EXIT
+
+    exc = state.data if isinstance(getattr(state, "data", None), BaseException) else None
+    failed = stage_command_exit(exc)
+    return not (failed and failed[1] == NOT_RETRYABLE_EXIT)
+
+
 def starts_stage(record: Any, stage: str | None = None) -> bool:
     """A DVC log record saying it is about to run `stage`'s command (any stage's, for None)."""
     return record.msg == "Running stage '%s':" and bool(record.args) and stage in (None, record.args[0])

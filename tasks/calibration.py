@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -45,42 +46,79 @@ def reliability_bins(probs: "torch.Tensor", targets: "torch.Tensor", *, n_bins: 
     return rows
 
 
-def fit_temperature(logits: "torch.Tensor", targets: "torch.Tensor", *, max_iter: int = 200) -> float:
-    """The temperature T > 0 minimising the NLL of softmax(logits / T) (Guo et al. 2017).
+TEMPERATURE_RANGE = (1e-3, 1e3)  # a fitted temperature is clamped into this range (documented in the README)
 
-    The NLL is convex in b = 1/T, with gradient mean(E_p[z] - z_y) and curvature mean(Var_p[z]) in closed
-    form, so a damped Newton iteration in float64 finds it in a few steps; torch.optim's LBFGS gave the same
-    T but its first use imports torch._dynamo (~1 s)."""
+
+@dataclass(frozen=True)
+class TemperatureFit:
+    """A temperature and how it was found: "fitted", "clamped" into TEMPERATURE_RANGE, or "fallback" (T = 1)."""
+
+    temperature: float
+    status: str
+    reason: str | None = None  # why it was clamped or fell back; None when fitted
+    nll_before: float | None = None  # mean NLL on the fitting split at T = 1 ...
+    nll_after: float | None = None  # ... and at the returned temperature
+
+
+def temperature_fit(logits: "torch.Tensor", targets: "torch.Tensor", *, max_iter: int = 200,
+                    t_range: tuple[float, float] = TEMPERATURE_RANGE) -> TemperatureFit:
+    """The temperature T > 0 minimising the NLL of softmax(logits / T) (Guo et al. 2017), and how it was found.
+
+    The NLL is convex in b = 1/T with gradient g(b) = mean(E_p[z] - z_y), non-decreasing in b, and curvature
+    mean(Var_p[z]) in closed form: a Newton iteration safeguarded by bisection finds the root of g in a few
+    steps (torch.optim's LBFGS gave the same T but its first use imports torch._dynamo, ~1 s).
+
+    The NLL has a minimum at a finite T > 0 unless (a) every image has its true class on top (a perfectly
+    separated split: the NLL keeps falling as T -> 0) or (b) the logits do not favour the true class at all
+    (g(0) >= 0: it is lowest as T -> infinity). Those fits are degenerate and fall back to T = 1 with the
+    reason. A real minimum is kept however small (an under-confident model), clamped into t_range."""
     import torch
 
+    t_min, t_max = t_range
     if len(targets) == 0:
-        return 1.0
+        return TemperatureFit(1.0, "fallback", "no images to fit a temperature on")
     z = logits.detach().double()
-    z_true = z.gather(1, targets.long()[:, None]).squeeze(1)
+    y = targets.long()[:, None]
+    z_true = z.gather(1, y).squeeze(1)
 
     def nll(b: float) -> float:
         return float((torch.logsumexp(b * z, 1) - b * z_true).mean())
 
-    b, loss = 1.0, nll(1.0)
-    for _ in range(max_iter):
+    def grad_curv(b: float) -> tuple[float, float]:
         p = torch.softmax(b * z, 1)
         mean_z = (p * z).sum(1)
-        grad = float((mean_z - z_true).mean())
-        curvature = float(((p * z * z).sum(1) - mean_z ** 2).mean())
-        step = grad / curvature if curvature > 1e-12 else grad
-        while True:  # backtrack: stay positive and never increase the loss
-            new_b = b - step
-            new_loss = nll(new_b) if new_b > 0 else float("inf")
-            if new_loss <= loss or abs(step) < 1e-12:
-                break
-            step /= 2
-        if new_b <= 0 or abs(new_b - b) <= 1e-10 * max(1.0, b) or new_b > 1e4:
-            b = new_b if new_b > 0 else b
+        return float((mean_z - z_true).mean()), float(((p * z * z).sum(1) - mean_z ** 2).mean())
+
+    def result(b: float | None, status: str, reason: str | None = None) -> TemperatureFit:
+        return TemperatureFit(1.0 if b is None else 1.0 / b, status, reason, nll(1.0), nll(1.0 if b is None else b))
+
+    margin = z_true - z.scatter(1, y, float("-inf")).max(1).values
+    if bool((margin >= 0).all()):
+        return result(None, "fallback", "every image has its true class on top (a perfectly separated split): "
+                      "the NLL keeps falling as T -> 0 and has no minimum; T = 1 (no scaling)")
+    if float((z.mean(1) - z_true).mean()) >= 0:
+        return result(None, "fallback", "the logits do not favour the true class (the NLL is lowest as "
+                      "T -> infinity, i.e. uniform predictions); T = 1 (no scaling)")
+    lo, hi = 1.0 / t_max, 1.0 / t_min  # the allowed bracket in b = 1/T
+    if grad_curv(hi)[0] < 0:
+        return result(hi, "clamped", f"the NLL is lowest below T = {t_min:g}; clamped to it")
+    if grad_curv(lo)[0] > 0:
+        return result(lo, "clamped", f"the NLL is lowest above T = {t_max:g}; clamped to it")
+    b = min(max(1.0, lo), hi)
+    for _ in range(max_iter):
+        g, curvature = grad_curv(b)
+        if g == 0:
             break
-        b, loss = new_b, new_loss
-    temperature = 1.0 / b
-    # A degenerate fit (e.g. a perfectly separated validation split drives T -> 0, the loss flattening out
-    # before it gets there) would be worse than none.
-    if not (1e-2 <= temperature <= 1e2) or nll(1e2) <= nll(b):
-        return 1.0
-    return temperature
+        lo, hi = (b, hi) if g < 0 else (lo, b)
+        newton = b - g / curvature if curvature > 0 else float("nan")
+        new_b = newton if lo < newton < hi else (lo * hi) ** 0.5  # Newton inside the bracket, else bisect (log)
+        done = abs(new_b - b) <= 1e-12 * b or hi - lo <= 1e-12 * b
+        b = new_b
+        if done:
+            break
+    return result(b, "fitted")
+
+
+def fit_temperature(logits: "torch.Tensor", targets: "torch.Tensor", *, max_iter: int = 200) -> float:
+    """The NLL-minimising temperature, or 1.0 for a degenerate fit (see temperature_fit for which and why)."""
+    return temperature_fit(logits, targets, max_iter=max_iter).temperature

@@ -14,11 +14,21 @@ from rich.console import Console
 from rich.table import Table
 
 import tasks  # noqa: F401  (telemetry off)
-from tasks.config import ParamsError, load_params, parse_overrides, project_root, source_overrides
+from tasks.config import (NotInProject, ParamsError, load_params, missing_source, parse_overrides, source_overrides)
+from tasks.config import project_root as find_project_root
 
 app = typer.Typer(help="imgclf: image classification pipeline (Prefect + DVC + Great Expectations + torch + MLflow).",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_show_locals=False)
 console = Console()
+
+
+def project_root() -> Path:
+    """The project around cwd; outside one, a clear error (exit 2) instead of acting on some other project."""
+    try:
+        return find_project_root()
+    except NotInProject as exc:
+        console.print(f"[red]{exc}[/]")
+        raise typer.Exit(2) from None
 
 
 def _params(root: Path):
@@ -58,6 +68,8 @@ def run(
         if source:
             overrides = {**source_overrides(source), **overrides}
         params = load_params(root / "params.yaml", overrides)
+        if problem := missing_source(params.ingest.source, root):
+            raise ParamsError(problem)
         candidates = None
         if sweep:
             from tasks.config import apply_overrides, read_raw
@@ -110,6 +122,17 @@ def failure_hint(exc: BaseException) -> str:
     return ""
 
 
+def overrides_note(overrides: dict, sweep: dict | None) -> str:
+    """Pure: what became of a run's --set overrides. After a sweep they stay in params.yaml with the winner,
+    except where the winning candidate set the same key itself (a candidate's own value wins)."""
+    if not sweep:
+        return json.dumps(overrides) + "  (params.yaml left as it was)"
+    winner = next((c["overrides"] for c in sweep["candidates"] if c["name"] == sweep["best"]), {})
+    replaced = {k: winner[k] for k in overrides if k in winner and winner[k] != overrides[k]}
+    return (json.dumps(overrides) + "  (kept in params.yaml with the sweep's winner"
+            + (f"; the winner's own {json.dumps(replaced)} replaced those" if replaced else "") + ")")
+
+
 def _print_summary(s: dict) -> None:
     table = Table(title="imgclf run", show_header=False)
     table.add_row("stages run", ", ".join(s["stages_run"]) or "none: everything up to date")
@@ -135,8 +158,7 @@ def _print_summary(s: dict) -> None:
                               f"{check['value']} vs {check['threshold']}"))
     table.add_row("decision", s["reason"])
     if s["overrides"]:
-        table.add_row("overrides", json.dumps(s["overrides"]) + ("  (kept in params.yaml with the sweep's winner)"
-                                                                  if s.get("sweep") else "  (params.yaml left as it was)"))
+        table.add_row("overrides", overrides_note(s["overrides"], s.get("sweep")))
     table.add_row("took", f"{s['seconds']} s")
     console.print(table)
     console.print("Open the MLflow UI: [bold]imgclf ui[/] (or `make ui`) -> http://127.0.0.1:5000")
@@ -166,32 +188,47 @@ def predict(
             console.print(f"[red]{p}: no such file or folder[/]")
             raise typer.Exit(2)
     try:
-        loaded = tracking.load_pyfunc(uri)
+        loaded = tracking.load_pyfunc(uri, allow_paths=True)  # our own files, in-process: paths are fine
     except Exception as exc:
         console.print(f"[red]cannot load {uri}:[/] {exc}")
         raise typer.Exit(1) from None
-    rows, errors = [], []
+    rows = []
     for start in range(0, len(files), 256):
         chunk = [str(f) for f in files[start:start + 256]]
-        try:
+        try:  # a bad file is a row with `error`
             rows.append(loaded.predict(pd.DataFrame({"image": chunk})).assign(path=chunk))
             continue
-        except Exception:
-            pass  # some file in this chunk is bad: go one by one so it is reported, not fatal
+        except Exception:  # noqa: BLE001  a version registered before per-row errors raises instead: one by one
+            pass
         for f in chunk:
             try:
                 rows.append(loaded.predict(pd.DataFrame({"image": [f]})).assign(path=[f]))
-            except Exception as exc:
-                errors.append((f, f"{type(exc).__name__}: {exc}"))
-    frame = pd.concat(rows, ignore_index=True) if rows else pd.DataFrame()
-    if errors:
-        frame = pd.concat([frame, pd.DataFrame({"path": [p for p, _ in errors], "error": [e for _, e in errors]})],
-                          ignore_index=True)
-    cols = ["path"] + [c for c in frame.columns if c != "path"]
-    frame[cols].to_csv(out, index=False)
-    console.print(f"{len(frame) - len(errors)} predicted, {len(errors)} unreadable -> {out} (model {uri})")
-    if errors:
+            except Exception as exc:  # noqa: BLE001
+                rows.append(pd.DataFrame({"path": [f], "error": [f"{type(exc).__name__}: {exc}"]}))
+    frame = pd.concat(rows, ignore_index=True) if rows else pd.DataFrame(columns=["path", "label", "probability"])
+    if "error" not in frame:
+        frame["error"] = None
+    frame = frame[["path"] + [c for c in frame.columns if c not in ("path", "error")] + ["error"]]
+    frame.to_csv(out, index=False)
+    unreadable = int(frame["error"].notna().sum())
+    console.print(f"{len(frame) - unreadable} predicted, {unreadable} unreadable -> {out} (model {uri})")
+    if unreadable:
         raise typer.Exit(1)
+
+
+def _model_version(client, name: str, version: str):
+    """The registered ModelVersion, or a clear error (exit 1) when there is no such version."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_model_version(name, version)
+    except MlflowException as exc:
+        if exc.error_code not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+            raise
+        none_yet = not client.search_model_versions(f"name='{name}'", max_results=1)
+        console.print(f"[red]{name} has no version {version}[/]"
+                      + (" (nothing is registered yet: `imgclf run` registers the first)" if none_yet else ""))
+        raise typer.Exit(1) from None
 
 
 @app.command()
@@ -206,41 +243,63 @@ def promote(
     root = project_root()
     client, params = _client(root)
     name = params.register_.model_name
-    try:
-        mv = client.get_model_version(name, version)
-    except Exception:
-        console.print(f"[red]{name} has no version {version}[/]")
-        raise typer.Exit(1) from None
+    mv = _model_version(client, name, version)
     current = registry.champion_version(client, name)
     now = str(current.version) if current else None
+    if now == str(mv.version):
+        console.print(f"{name} v{now} is already champion: nothing to do")
+        return
     problem = check_gate_record(mv.tags, champion_now=now)
     if problem and not force:
-        console.print(f"[red]not promoted:[/] {problem} (use --force to override; the override is recorded)")
+        console.print(f"[red]not promoted:[/] {problem}" + ("; the override is recorded" if "--force" in problem
+                                                            else " (use --force to override; the override is recorded)"))
         raise typer.Exit(1)
     reason = "manual promotion (imgclf promote)" + (f" FORCED over: {problem}" if problem else ": gate record passed")
     try:
-        registry.promote_if_unchanged(client, name, version, expected=now, reason=reason,
+        registry.promote_if_unchanged(client, name, str(mv.version), expected=now, reason=reason,
                                       lock_path=root / registry.LOCK_FILE)
     except registry.PromotionConflict as exc:
-        console.print(f"[red]{exc}[/]")
+        console.print(f"[red]not promoted:[/] champion moved to v{exc.now} while this command ran (it was "
+                      f"{'v' + now if now else 'unset'}; `imgclf history` shows the move): run "
+                      f"`imgclf promote {version}` again to check it against v{exc.now}")
         raise typer.Exit(1) from None
-    console.print(f"champion -> {name} v{version} (was {'v' + now if now else 'none'})")
+    console.print(f"champion -> {name} v{mv.version} (was {'v' + now if now else 'none'})")
 
 
 @app.command()
-def rollback() -> None:
-    """Return `champion` to the version it pointed at before its latest move."""
+def rollback(
+    force: Annotated[bool, typer.Option(help="Roll back even to a version whose gate record did not pass (recorded).")] = False,
+) -> None:
+    """Undo the latest move of `champion` still in effect; again, the one before it (compare-and-set, recorded)."""
     from tasks import registry
+    from tasks.gate import check_gate_passed
 
-    client, params = _client(project_root())
+    root = project_root()
+    client, params = _client(root)
     name = params.register_.model_name
     current = registry.champion_version(client, name)
-    target = registry.previous_champion(registry.alias_history(client, name), str(current.version) if current else None)
-    if current is None or target is None:
-        console.print("[red]nothing to roll back to: no earlier champion recorded[/]")
+    now = str(current.version) if current else None
+    target = registry.rollback_target(registry.alias_history(client, name), now)
+    if target is None:
+        console.print("[red]nothing to roll back to:[/] " + (
+            "there is no champion yet" if now is None else
+            f"no champion before v{now} is recorded (`imgclf history` shows every move)"))
         raise typer.Exit(1)
-    registry.set_champion(client, name, target, f"rollback from v{current.version}")
-    console.print(f"champion -> {name} v{target} (was v{current.version})")
+    problem = check_gate_passed(_model_version(client, name, target).tags)
+    if problem and not force:
+        console.print(f"[red]not rolled back[/] to v{target}: {problem} (use --force to override; the override is "
+                      "recorded)")
+        raise typer.Exit(1)
+    reason = f"rollback from v{now}" + (f" FORCED over: v{target} {problem}" if problem else "")
+    try:
+        registry.promote_if_unchanged(client, name, target, expected=now, reason=reason,
+                                      lock_path=root / registry.LOCK_FILE, kind="rollback")
+    except registry.PromotionConflict as exc:
+        console.print(f"[red]not rolled back:[/] champion moved to v{exc.now} while this command ran (it was "
+                      f"v{now}; `imgclf history` shows the move): run `imgclf rollback` again to roll back from "
+                      f"v{exc.now}")
+        raise typer.Exit(1) from None
+    console.print(f"champion -> {name} v{target} (was v{now})")
 
 
 @app.command()

@@ -16,12 +16,18 @@ PARAMS_FILE = "params.yaml"
 
 
 def project_root(start: Path | None = None) -> Path:
-    """The project folder: the nearest folder at or above start (default: cwd) holding dvc.yaml and params.yaml."""
+    """The project folder: the nearest folder at or above start (default: cwd) holding dvc.yaml and params.yaml.
+
+    Outside a project this is an error, never a fallback: acting on whichever checkout the package happens to
+    be installed from (its data, its registry) would be a silent surprise."""
     here = (start or Path.cwd()).resolve()
     for folder in (here, *here.parents):
         if (folder / "dvc.yaml").is_file() and (folder / PARAMS_FILE).is_file():
             return folder
-    return PROJECT_ROOT
+    installed = PROJECT_ROOT if (PROJECT_ROOT / "dvc.yaml").is_file() else None
+    raise NotInProject(f"{here} is not inside an imgclf project (no folder at or above it holds dvc.yaml and "
+                       f"{PARAMS_FILE}): run this from the project folder"
+                       + (f", e.g. cd {installed}" if installed else ""))
 
 
 def is_url(source: str) -> bool:
@@ -130,6 +136,7 @@ class TrainParams(_Section):
     random_resized_crop: bool = False
     rrc_scale: tuple[float, float] = (0.08, 1.0)
     pretrained: str | None = None
+    pretrained_sha256: str | None = Field(None, pattern=r"^[0-9a-fA-F]{64}$")
     freeze_epochs: int = Field(0, ge=0)
     backbone_lr_mult: float = Field(0.1, gt=0)
     compile: bool = False
@@ -159,6 +166,8 @@ class TrainParams(_Section):
             raise ValueError("train.warmup_epochs must be smaller than train.epochs")
         if self.freeze_epochs >= self.epochs:
             raise ValueError("train.freeze_epochs must be smaller than train.epochs")
+        if self.pretrained_sha256 and not self.pretrained:
+            raise ValueError("train.pretrained_sha256 pins a local weights file: set train.pretrained to its path")
         return self
 
 
@@ -246,6 +255,10 @@ class ParamsError(ValueError):
     """params.yaml or an override is invalid; the message names the key."""
 
 
+class NotInProject(ParamsError):
+    """A command was run outside any imgclf project folder."""
+
+
 def source_overrides(source: str) -> dict[str, str]:
     """Overrides that point one run at another source; a local path is also what DVC watches (for a CSV
     manifest, the folder holding it and its images)."""
@@ -253,6 +266,18 @@ def source_overrides(source: str) -> dict[str, str]:
     if not source.startswith("sample:") and not is_url(source):
         out["ingest.watch"] = str(Path(source).parent) if source.lower().endswith(".csv") else source
     return out
+
+
+def missing_source(source: str, root: Path) -> str | None:
+    """Why a local ingest.source cannot be ingested because it is not there (relative paths are the project's,
+    as the stage runs there); None when it exists or is not a local path."""
+    if source.startswith("sample:") or is_url(source):
+        return None
+    path = Path(source).expanduser()
+    path = path if path.is_absolute() else root / path
+    if path.exists():
+        return None
+    return f"ingest.source {source!r}: {path} does not exist (a folder of class sub-folders, an archive or a CSV)"
 
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:

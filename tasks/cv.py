@@ -159,14 +159,93 @@ def label_issues(paths: Sequence[str], targets: "torch.Tensor", oof_probs: "torc
     return pd.DataFrame(rows, columns=LABEL_ISSUE_COLUMNS)
 
 
-def group_values(frame: "pd.DataFrame", manifest: "pd.DataFrame | None", column: str | None) -> list[Any] | None:
-    """The duplicate-group id per row of frame, from the manifest column if it exists (else no groups)."""
-    if not column or manifest is None or column not in manifest.columns:
-        return None
-    lookup = manifest.set_index("path")[column]
-    values = frame["path"].map(lookup)
-    # A row without a group is its own group.
-    return [v if v == v and v is not None else f"__row{i}" for i, v in enumerate(values.tolist())]
+SPLIT_GROUPS = "groups.csv"  # written by the split stage: every image in a duplicate/near-duplicate group
+SPLIT_GROUP_COLUMN = "group"
+
+
+@dataclass(frozen=True)
+class Groups:
+    """Duplicate-group id per row (None: ungrouped CV), where the groups came from, how many rows share one, and
+    a warning when the CV is ungrouped for want of groups (metrics and the log carry it)."""
+
+    values: list[int] | None
+    source: str
+    grouped_images: int = 0
+    warning: str | None = None
+
+
+def load_split_groups(splits_dir: Path) -> "pd.DataFrame | None":
+    """The split stage's duplicate groups (path, group, ...), or None when the splits predate that file."""
+    import pandas as pd
+
+    path = Path(splits_dir) / SPLIT_GROUPS
+    return pd.read_csv(path, dtype=str, keep_default_na=False) if path.is_file() else None
+
+
+def resolve_groups(frame: "pd.DataFrame", *, column: str | None, manifest: "pd.DataFrame | None",
+                   split_groups: "pd.DataFrame | None") -> Groups:
+    """The duplicate group of each row of frame (by path), for group-aware folds.
+
+    column names the groups: the split stage's own (data/splits/groups.csv, column `group`, the default) or a
+    column of the manifest. The split stage's groups are always kept (a near-duplicate pair split across folds
+    inflates the scores), a manifest column adds its own; rows linked through either share a group. A row in
+    no group is its own. A column found in neither place is an error, never a silently ungrouped CV, except the
+    default `group` for splits without groups.csv (made before the split stage wrote it, or by hand): an
+    ungrouped CV with a warning. A null column is the explicit way to cross-validate without groups."""
+    import pandas as pd
+
+    if not column:
+        return Groups(None, "none (evaluate.cv_group_column is null)")
+    keys: list[list[tuple[str, Any]]] = [[] for _ in range(len(frame))]
+    sources = []
+
+    def add(table: "pd.DataFrame", col: str, tag: str) -> None:
+        lookup = table.drop_duplicates("path").set_index("path")[col]
+        for i, v in enumerate(frame["path"].map(lookup).tolist()):
+            if not pd.isna(v) and str(v) != "":
+                keys[i].append((tag, v))
+
+    in_manifest = manifest is not None and column in manifest.columns
+    has_split = split_groups is not None and SPLIT_GROUP_COLUMN in split_groups.columns
+    in_split = has_split and column == SPLIT_GROUP_COLUMN
+    if not (in_manifest or in_split) and column == SPLIT_GROUP_COLUMN and not has_split:
+        return Groups(None, "none", warning=(
+            f"no duplicate groups: data/splits/{SPLIT_GROUPS} is missing or has no {SPLIT_GROUP_COLUMN!r} column and "
+            f"the manifest has no {SPLIT_GROUP_COLUMN!r} column, so cross-validation is NOT group-aware (near-"
+            "duplicates may straddle folds and inflate the scores); re-run the split stage (dvc repro split)"))
+    if not (in_manifest or in_split):
+        where = [f"data/manifest.csv ({'missing' if manifest is None else ', '.join(map(str, manifest.columns))})"]
+        where.append(f"the split stage's data/splits/{SPLIT_GROUPS} (column {SPLIT_GROUP_COLUMN!r})"
+                     if has_split else
+                     f"data/splits/{SPLIT_GROUPS} is missing or has no {SPLIT_GROUP_COLUMN!r} column: re-run the "
+                     "split stage (dvc repro split)")
+        raise ValueError(f"evaluate.cv_group_column={column!r} names no duplicate groups: looked in "
+                         + "; ".join(where) + ". Name one of those, or set it to null to cross-validate without "
+                         "groups (near-duplicates may then straddle folds and inflate the scores).")
+    if in_manifest:
+        add(manifest, column, "manifest")
+        sources.append(f"manifest column {column!r}")
+    if has_split:
+        add(split_groups, SPLIT_GROUP_COLUMN, "split")
+        sources.append(f"split's duplicate groups (data/splits/{SPLIT_GROUPS})")
+    parent = list(range(len(frame)))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    first: dict[tuple[str, Any], int] = {}
+    for i, row_keys in enumerate(keys):
+        for key in row_keys:
+            if key in first:
+                parent[root(i)] = root(first[key])
+            else:
+                first[key] = i
+    values = [root(i) for i in range(len(frame))]
+    sizes = pd.Series(values).value_counts()
+    return Groups(values, " + ".join(sources), int(sizes[sizes > 1].sum()))
 
 
 def load_pool(splits_dir: Path) -> "pd.DataFrame":

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from tasks.preprocess import Preprocess, normalize
 
@@ -18,32 +20,72 @@ INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
 
 
-def measure_latency(call: Callable[[], Any], *, repeats: int = 20, warmup: int = 3,
-                    budget_s: float | None = None, min_repeats: int = 5) -> float:
-    """Median wall time of call() in milliseconds, after warm-up calls. With budget_s, timing stops once that
-    many seconds went by (warm-up included) and at least min_repeats runs were timed."""
-    start = time.perf_counter()
-    for _ in range(warmup):
-        call()
-    times: list[float] = []
-    for _ in range(max(1, repeats)):
-        t0 = time.perf_counter()
-        call()
-        times.append((time.perf_counter() - t0) * 1000.0)
-        if budget_s is not None and len(times) >= min_repeats and time.perf_counter() - start > budget_s:
-            break
-    return statistics.median(times)
+LATENCY_MIN_RUNS = 5  # timed runs a figure gets past its budget, when that many fit in it (see latency_floor)
+LATENCY_WARMUP = 3
 
 
-def torch_latency_ms(model: "nn.Module", spec: Preprocess, *, batch: int, repeats: int = 20,
-                     budget_s: float | None = None) -> float:
-    """Eager torch latency on CPU for one normalised batch of the given size, per batch."""
+@dataclass(frozen=True)
+class Latency:
+    """Median milliseconds per call, how many calls were timed and warmed up, and the seconds it all took."""
+
+    ms: float
+    runs: int
+    warmup: int
+    seconds: float
+
+
+def latency_floor(run_s: float, *, budget_s: float, min_runs: int = LATENCY_MIN_RUNS) -> int:
+    """Timed runs a figure gets even past its budget: min_runs when that many fit in the budget, 2 when one
+    run does, else 1 (a ViT-B batch of 64 takes ~16 s on 2 CPU cores: 5 runs would be minutes)."""
+    if run_s * min_runs <= budget_s:
+        return min_runs
+    return 2 if run_s <= budget_s else 1
+
+
+def keep_timing(run_s: Sequence[float], elapsed_s: float, *, repeats: int, budget_s: float,
+                min_runs: int = LATENCY_MIN_RUNS) -> bool:
+    """Whether to time one more run, given the runs so far (seconds) and the time spent (warm-up included)."""
+    if not run_s:
+        return True
+    if len(run_s) >= max(1, repeats):
+        return False
+    if elapsed_s <= budget_s:
+        return True
+    return len(run_s) < latency_floor(statistics.median(run_s), budget_s=budget_s, min_runs=min_runs)
+
+
+def time_call(call: Callable[[], Any], *, repeats: int, budget_s: float, warmup: int = LATENCY_WARMUP,
+              min_runs: int = LATENCY_MIN_RUNS, clock: Callable[[], float] = time.perf_counter) -> Latency:
+    """Median wall time of call() after warm-up calls, within budget_s (see keep_timing). One warm-up call
+    always; more only while the budget lasts, so a slow model is warmed up once."""
+    start = clock()
+    warm = 0
+    while warm < max(1, warmup) and (warm == 0 or clock() - start <= budget_s):
+        call()
+        warm += 1
+    runs: list[float] = []
+    while keep_timing(runs, clock() - start, repeats=repeats, budget_s=budget_s, min_runs=min_runs):
+        t0 = clock()
+        call()
+        runs.append(clock() - t0)
+    return Latency(ms=statistics.median(runs) * 1000.0, runs=len(runs), warmup=warm, seconds=clock() - start)
+
+
+def torch_latency(model: "nn.Module", spec: Preprocess, *, batch: int, repeats: int = 20,
+                  budget_s: float = math.inf, clock: Callable[[], float] = time.perf_counter) -> Latency:
+    """Eager torch CPU latency for one normalised batch of the given size, per batch, within budget_s."""
     import torch
 
     model = model.to("cpu").eval()
     x = torch.randn(batch, spec.channels, spec.size, spec.size)
     with torch.inference_mode():
-        return measure_latency(lambda: model(x), repeats=repeats, budget_s=budget_s)
+        return time_call(lambda: model(x), repeats=repeats, budget_s=budget_s, clock=clock)
+
+
+def torch_latency_ms(model: "nn.Module", spec: Preprocess, *, batch: int, repeats: int = 20,
+                     budget_s: float = math.inf) -> float:
+    """torch_latency's median in milliseconds."""
+    return torch_latency(model, spec, batch=batch, repeats=repeats, budget_s=budget_s).ms
 
 
 def export_onnx(model: "nn.Module", spec: Preprocess, dest: Path, *, opset: int = 17) -> Path:
@@ -97,8 +139,9 @@ def parity(torch_logits: "torch.Tensor", other_logits: "torch.Tensor") -> dict[s
 
 def check_onnx(model: "nn.Module", spec: Preprocess, images: "torch.Tensor", torch_logits: "torch.Tensor",
                dest: Path, *, opset: int = 17, batch_size: int = 256, repeats: int = 20,
-               torch_latency_ms_b1: float | None = None) -> dict[str, Any]:
-    """Export, score the same images under onnxruntime, compare with torch, time batch-1 in both."""
+               torch_latency_ms_b1: float | None = None, budget_s: float = math.inf) -> dict[str, Any]:
+    """Export, score the same images under onnxruntime, compare with torch, time batch-1 in both (each within
+    budget_s seconds, see time_call)."""
     import torch
 
     path = export_onnx(model, spec, dest, opset=opset)
@@ -106,10 +149,10 @@ def check_onnx(model: "nn.Module", spec: Preprocess, images: "torch.Tensor", tor
     result = parity(torch_logits, onnx_logits(session, images, spec, batch_size=batch_size))
     one = normalize(images[:1] if len(images) else torch.zeros(1, spec.channels, spec.size, spec.size,
                                                                dtype=torch.uint8), spec).numpy()
-    result["latency_ms_b1"] = measure_latency(lambda: session.run([OUTPUT_NAME], {INPUT_NAME: one}),
-                                              repeats=repeats)
+    timed = time_call(lambda: session.run([OUTPUT_NAME], {INPUT_NAME: one}), repeats=repeats, budget_s=budget_s)
+    result["latency_ms_b1"], result["latency_runs_b1"] = timed.ms, timed.runs
     result["torch_latency_ms_b1"] = (torch_latency_ms_b1 if torch_latency_ms_b1 is not None
-                                     else torch_latency_ms(model, spec, batch=1, repeats=repeats))
+                                     else torch_latency_ms(model, spec, batch=1, repeats=repeats, budget_s=budget_s))
     result["opset"] = opset
     result["bytes"] = path.stat().st_size
     return result

@@ -72,7 +72,8 @@ class Decision:
     @property
     def reasons(self) -> list[str]:
         """One line per failed check."""
-        return [f"{c.name}: {c.detail or f'{c.value} vs {c.threshold}'}" for c in self.checks if not c.passed]
+        return [f"{c.name}: {c.detail or f'{_fmt(c.value)} vs {_fmt(c.threshold)}'}" for c in self.checks
+                if not c.passed]
 
     def to_dict(self) -> dict[str, Any]:
         return {"passed": self.passed, "compared_with": self.compared_with, "reasons": self.reasons,
@@ -100,6 +101,25 @@ def _fmt(value: Any) -> str:
 
 def _finite(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _bound(what: str, value: Any, limit: Any, *, floor: bool) -> str:
+    """A floor or ceiling check in words, 4 decimals: "accuracy 0.7778, below the floor 0.8000"."""
+    if not _finite(value):
+        return f"no {what} in the evaluation"
+    ok = value >= limit if floor else value <= limit
+    side = ("at or above" if ok else "below") if floor else ("at or under" if ok else "above")
+    return f"{what} {_fmt(value)}, {side} the {'floor' if floor else 'ceiling'} {_fmt(limit)}"
+
+
+def _recall_drop(worst: str, champion: float, candidate: float) -> str:
+    """The largest per-class recall drop in words, 4 decimals; a drop reads as an amount lost, not a signed
+    change ("class 'b' lost 0.2222", never "+0.2222")."""
+    change = f"recall {champion:.4f} -> {candidate:.4f}"
+    drop = round(champion - candidate, 4) + 0.0  # (+ 0.0: no "-0.0000")
+    if drop > 0:
+        return f"largest recall drop: class {worst!r} lost {drop:.4f} ({change})"
+    return f"no class lost recall (smallest change: class {worst!r} {0.0 - drop:+.4f}, {change})"
 
 
 def paired_bootstrap_diff(candidate: Sequence[bool], champion: Sequence[bool], *, samples: int,
@@ -148,20 +168,23 @@ def decide(inp: GateInput, policy: Policy) -> Decision:
     if not ok_eval:  # nothing below can be trusted
         return Decision(False, checks, inp.champion.version if inp.champion else None)
 
-    checks.append(Check("min_accuracy", m["accuracy"] >= policy.min_accuracy, m["accuracy"], policy.min_accuracy))
-    checks.append(Check("min_macro_f1", m["macro_f1"] >= policy.min_macro_f1, m["macro_f1"], policy.min_macro_f1))
+    checks.append(Check("min_accuracy", m["accuracy"] >= policy.min_accuracy, m["accuracy"], policy.min_accuracy,
+                        _bound("accuracy", m["accuracy"], policy.min_accuracy, floor=True)))
+    checks.append(Check("min_macro_f1", m["macro_f1"] >= policy.min_macro_f1, m["macro_f1"], policy.min_macro_f1,
+                        _bound("macro F1", m["macro_f1"], policy.min_macro_f1, floor=True)))
     if policy.max_ece is not None:  # the served model's calibration: before temperature scaling
         ece = m.get("ece_before", m.get("ece"))
         checks.append(Check("max_ece", _finite(ece) and ece <= policy.max_ece, ece, policy.max_ece,
-                            "" if _finite(ece) else "no calibration error in the evaluation"))
+                            _bound("calibration error", ece, policy.max_ece, floor=False)))
     if policy.max_latency_ms_b1 is not None:
         lat = m.get("latency_ms_b1")
         checks.append(Check("max_latency_ms_b1", _finite(lat) and lat <= policy.max_latency_ms_b1, lat,
-                            policy.max_latency_ms_b1, "" if _finite(lat) else "no latency in the evaluation"))
+                            policy.max_latency_ms_b1, _bound("latency", lat, policy.max_latency_ms_b1, floor=False)))
     if policy.min_onnx_agreement is not None:
         agree = (m.get("onnx") or {}).get("top1_agreement")
         checks.append(Check("onnx_parity", _finite(agree) and agree >= policy.min_onnx_agreement, agree,
-                            policy.min_onnx_agreement, "" if _finite(agree) else "no ONNX parity in the evaluation"))
+                            policy.min_onnx_agreement,
+                            _bound("ONNX parity", agree, policy.min_onnx_agreement, floor=True)))
 
     champ = inp.champion
     if champ is not None:
@@ -200,7 +223,8 @@ def _against_champion(inp: GateInput, champ: ChampionScore, policy: Policy) -> l
     worst_drop = drops[worst] if worst else 0.0
     checks.append(Check("class_recall_drop", worst_drop <= policy.max_class_recall_drop, worst_drop,
                         policy.max_class_recall_drop,
-                        f"largest recall drop: class {worst!r} {worst_drop:+.4f}" if worst else "no shared classes"))
+                        _recall_drop(worst, champ.per_class_recall[worst], per_class[worst]["recall"])
+                        if worst else "no shared classes"))
     return checks
 
 
@@ -225,12 +249,27 @@ def per_class_recall(labels: Sequence[str], predictions: Sequence[str]) -> dict[
     return {c: hits[c] / totals[c] for c in sorted(totals)}
 
 
-def check_gate_record(tags: dict[str, str], *, champion_now: str | None) -> str | None:
-    """Pure: why a version may not be promoted by hand (None when its gate record allows it)."""
+def check_gate_passed(tags: dict[str, str]) -> str | None:
+    """Pure: why a version's own gate record does not let it serve (None when its gate passed). What a rollback
+    checks: its target was champion before, so the gate compared it with an older champion by necessity."""
     if tags.get("gate") != "passed":
         return f"its gate record is {tags.get('gate', 'missing')!r}: {tags.get('gate.reasons', 'never gated')}"
+    return None
+
+
+def check_gate_record(tags: dict[str, str], *, champion_now: str | None) -> str | None:
+    """Pure: why a version may not be promoted by hand (None when its gate record allows it).
+
+    A passed gate that compared the version with another champion than today's is stale, and nothing gates it
+    again: `imgclf run` gates only a version it has just registered (or one whose gate never decided)."""
+    if problem := check_gate_passed(tags):
+        return problem
     compared = tags.get("gate.compared_with") or None
     if compared != champion_now:
-        return (f"its gate compared against {'v' + compared if compared else 'no champion'} but champion is now "
-                f"{'v' + champion_now if champion_now else 'unset'}: re-run `imgclf run` to gate it again")
+        then = f"v{compared} (then champion)" if compared else "no champion (floors only)"
+        if champion_now is None:
+            return f"its gate compared it against {then} but there is no champion now"
+        return (f"its gate compared it against {then} but champion is now v{champion_now}, and no gate has compared "
+                f"the two (`imgclf run` never gates an already registered version again): compare them yourself "
+                f"(each version's test.* tags and gate/decision.md, `imgclf ui`), then --force it if it should serve")
     return None

@@ -33,8 +33,16 @@ COPY_THREADS = 4  # file copies in flight at once (see transfer_all)
 COPY_CHUNK = 256  # files per thread task
 
 
+NOT_RETRYABLE_EXIT = 3  # the stage's exit code for a source that trying again cannot fix (see flows/early.py)
+
+
 class IngestError(RuntimeError):
-    """The source cannot be ingested; the message says which path and why."""
+    """The source cannot be ingested; the message says which path and why. `retryable`: trying again may help
+    (a download), unlike a missing folder or an empty one."""
+
+    def __init__(self, message: str, *, retryable: bool = False) -> None:
+        super().__init__(message)
+        self.retryable = retryable
 
 
 @dataclass(frozen=True)
@@ -336,7 +344,7 @@ def ingest(source: str, dest: Path = RAW_DIR, *, sample_size: int = 32, sha256: 
                 archive = download(source, scratch / name, sha256=sha256, max_bytes=caps.max_total_bytes,
                                    **({"fetch": fetch} if fetch else {}))
             except ArchiveError as exc:
-                raise IngestError(str(exc)) from None
+                raise IngestError(str(exc), retryable=True) from None
             source_sha = sha256.lower()
             layout = _from_archive(archive, staged, scratch, report, caps)
         else:
@@ -384,7 +392,7 @@ def main() -> None:
                         caps=Caps(p.max_members, p.max_total_bytes, p.max_compression_ratio))
     except IngestError as exc:
         console.print(f"[red]ingest failed:[/] {exc}")
-        raise SystemExit(1) from None
+        raise SystemExit(1 if exc.retryable else NOT_RETRYABLE_EXIT) from None
     from datetime import datetime, timezone
 
     # When this data version was taken: the gate refuses a candidate trained on data older than the
@@ -405,4 +413,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    from tasks.stagehost import check_no_arguments
+
+    check_no_arguments("tasks.ingest")
     main()  # not through the stage host (tasks/stagehost.py): ingest imports nothing heavy

@@ -127,5 +127,22 @@ def main(overrides: dict[str, Any] | None = None) -> None:
     print(f"suggested lr {result.suggested_lr:.2e} (train.lr is {cfg.lr:g}); plot: {PLOT}")
 
 
+def cli(argv: list[str] | None = None) -> None:
+    """`python -m tasks.lr_find [--set section.key=value ...]`, as `imgclf lr-find`."""
+    import argparse
+
+    from tasks.config import ParamsError, parse_overrides
+
+    parser = argparse.ArgumentParser(prog="python -m tasks.lr_find", description=main.__doc__)
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override a param for this test only (repeatable)")
+    args = parser.parse_args(argv)
+    try:
+        overrides = parse_overrides(args.overrides)
+    except ParamsError as exc:
+        parser.error(str(exc))
+    main(overrides or None)
+
+
 if __name__ == "__main__":
-    main()
+    cli()

@@ -68,6 +68,16 @@ def build_model(name: str, *, num_classes: int, in_channels: int = 3,
     return model
 
 
+def weights_file_sha256(pretrained: str | None) -> str | None:
+    """sha256 of a local pretrained weights file; None without one (no weights, a torchvision weights name, or
+    a file that is not there: building the model says so)."""
+    if not pretrained or not _is_weights_file(pretrained) or not Path(pretrained).is_file():
+        return None
+    from tasks.io import sha256_file
+
+    return sha256_file(Path(pretrained))
+
+
 def _is_weights_file(pretrained: str) -> bool:
     return pretrained.endswith((".pth", ".pt", ".safetensors", ".bin")) or Path(pretrained).is_file()
 

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING
 
-from tasks.preprocess import Preprocess, load_tensor, normalize
+from tasks.preprocess import Preprocess, normalize
 
 if TYPE_CHECKING:
-    import pandas as pd
     import torch
     from torch import nn
 
@@ -34,20 +32,3 @@ def predict_proba(model: "nn.Module", images: "torch.Tensor", spec: Preprocess, 
 
     logits = predict_logits(model, images, spec, batch_size=batch_size)
     return torch.softmax(logits, dim=1) if logits.numel() else logits
-
-
-def predict_sources(model: "nn.Module", spec: Preprocess, classes: Sequence[str],
-                    sources: Sequence[str | Path | bytes], *, batch_size: int = 64) -> "pd.DataFrame":
-    """Image files or bytes -> DataFrame(label, probability, p_<class>...), one row per input."""
-    import pandas as pd
-    import torch
-
-    if not sources:
-        return pd.DataFrame(columns=["label", "probability", *[f"p_{c}" for c in classes]])
-    images = torch.stack([load_tensor(s, spec) for s in sources])
-    probs = predict_proba(model, images, spec, batch_size=batch_size)
-    top_p, top_i = probs.max(dim=1)
-    frame = pd.DataFrame({"label": [classes[i] for i in top_i.tolist()], "probability": top_p.tolist()})
-    for k, name in enumerate(classes):
-        frame[f"p_{name}"] = probs[:, k].tolist()
-    return frame

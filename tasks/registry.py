@@ -23,7 +23,11 @@ LOCK_FILE = Path(".imgclf/registry.lock")
 
 
 class PromotionConflict(RuntimeError):
-    """`champion` moved after the gate compared against it; the promotion was not made."""
+    """`champion` moved after the gate compared against it (or a rollback chose its target); nothing was moved."""
+
+    def __init__(self, message: str, *, now: str | None = None, expected: str | None = None) -> None:
+        super().__init__(message)
+        self.now, self.expected = now, expected
 
 
 @dataclass(frozen=True)
@@ -123,13 +127,21 @@ def champion_version(client: "MlflowClient", name: str):
 
 
 def alias_history(client: "MlflowClient", name: str) -> list[dict[str, str]]:
-    """Every move of `champion`, oldest first (kept as JSON on the registered model)."""
-    tags = client.get_registered_model(name).tags
+    """Every move of `champion`, oldest first (kept as JSON on the registered model); [] before the model exists."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        tags = client.get_registered_model(name).tags
+    except MlflowException as exc:
+        if exc.error_code == "RESOURCE_DOES_NOT_EXIST":  # nothing registered yet: no moves either
+            return []
+        raise
     return json.loads(tags.get(HISTORY_TAG, "[]"))
 
 
-def set_champion(client: "MlflowClient", name: str, version: str, reason: str) -> None:
-    """Point `champion` at version, note why on the version and append the move to the history."""
+def set_champion(client: "MlflowClient", name: str, version: str, reason: str, *, kind: str = "promote") -> None:
+    """Point `champion` at version, note why on the version and append the move (a promote or a rollback) to the
+    history."""
     import getpass
 
     current = champion_version(client, name)
@@ -138,13 +150,14 @@ def set_champion(client: "MlflowClient", name: str, version: str, reason: str) -
     history = alias_history(client, name)
     history.append({"time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                     "from": str(current.version) if current else "", "to": str(version),
-                    "reason": reason, "by": getpass.getuser()})
+                    "reason": reason, "by": getpass.getuser(), "kind": kind})
     client.set_registered_model_tag(name, HISTORY_TAG, json.dumps(history))
 
 
 def promote_if_unchanged(client: "MlflowClient", name: str, version: str, *, expected: str | None, reason: str,
-                         lock_path: Path) -> None:
-    """Compare-and-set: move `champion` to version only if it still points at `expected`."""
+                         lock_path: Path, kind: str = "promote") -> None:
+    """Compare-and-set: move `champion` to version only if it still points at `expected` (kind: "promote" or
+    "rollback", as recorded in the history)."""
     from filelock import FileLock
 
     lock_path.parent.mkdir(parents=True, exist_ok=True)
@@ -152,10 +165,15 @@ def promote_if_unchanged(client: "MlflowClient", name: str, version: str, *, exp
         current = champion_version(client, name)
         now = str(current.version) if current else None
         if now != expected:
-            raise PromotionConflict(
-                f"champion is v{now} but the gate compared v{version} against "
-                f"{'v' + expected if expected else 'no champion'}: not promoted; re-run to gate against v{now}")
-        set_champion(client, name, version, reason)
+            was = "v" + expected if expected else "no champion"
+            if kind == "promote":  # (a gate is not re-run for a registered version: promote says what to do)
+                message = (f"champion is v{now} but the gate compared v{version} against {was}: not promoted "
+                           f"(champion moved meanwhile; `imgclf history` shows the move, `imgclf promote {version}` "
+                           f"re-checks v{version} against v{now})")
+            else:
+                message = f"champion is v{now}, not {was} as when the {kind} to v{version} was chosen: nothing moved"
+            raise PromotionConflict(message, now=now, expected=expected)
+        set_champion(client, name, version, reason, kind=kind)
 
 
 def gate_pending(version_tags: dict[str, str]) -> bool:
@@ -165,12 +183,33 @@ def gate_pending(version_tags: dict[str, str]) -> bool:
     return "gate" not in version_tags
 
 
-def previous_champion(history: list[dict[str, str]], current: str | None) -> str | None:
-    """Pure: the version `champion` pointed at before its latest move to current."""
-    for move in reversed(history):
-        if move["to"] == current:
-            return move["from"] or None
-    return None
+def _is_rollback(move: dict[str, str]) -> bool:
+    if "kind" not in move:  # written before moves had a kind: only the reason says so ("rollback from vN")
+        return str(move.get("reason", "")).startswith("rollback")
+    return move["kind"] == "rollback"
+
+
+def rollback_target(history: list[dict[str, str]], current: str | None) -> str | None:
+    """Pure: where `imgclf rollback` takes `champion` from current: the history read as an undo stack.
+
+    Each move stacks the version it set; a rollback unstacks the move it undid, so a rollback's own move is
+    never a target and a second rollback goes to the champion before the one the first restored. None when
+    nothing is below current, or when the history does not end at current (the alias was moved outside it)."""
+    stack: list[str] = []
+    for move in history:
+        frm, to = str(move.get("from") or ""), str(move.get("to") or "")
+        if not to or to == frm:
+            continue
+        if _is_rollback(move) and len(stack) >= 2 and stack[-1] == frm and stack[-2] == to:
+            stack.pop()
+            continue
+        # a promotion (or a rollback the stack cannot explain, e.g. written by an older imgclf: undoable too)
+        if not frm:
+            stack = []  # there was no champion before it: nothing below to return to
+        elif not stack or stack[-1] != frm:
+            stack.append(frm)  # the alias was moved outside the history; the move still says where it was
+        stack.append(to)
+    return stack[-2] if len(stack) >= 2 and stack[-1] == current else None
 
 
 # ---------------------------------------------------------------- gate inputs and record
@@ -204,11 +243,17 @@ def rescore(model_uri: str, paths: list[Path], *, batch_size: int = 256) -> list
 
     from tasks.tracking import load_pyfunc
 
-    model = load_pyfunc(model_uri)
+    model = load_pyfunc(model_uri, allow_paths=True)
     labels: list[str] = []
     for start in range(0, len(paths), batch_size):
         chunk = [str(p) for p in paths[start:start + batch_size]]
-        labels += [str(v) for v in model.predict(pd.DataFrame({"image": chunk}))["label"]]
+        out = model.predict(pd.DataFrame({"image": chunk}))
+        # The test images passed the data contract: one the model cannot read means something is wrong.
+        errors = out["error"] if "error" in out else [None] * len(chunk)  # (older versions raise instead)
+        bad = [(p, e) for p, e in zip(chunk, errors) if pd.notna(e)]
+        if bad:
+            raise RuntimeError(f"{model_uri} could not read {len(bad)} test image(s); {bad[0][0]}: {bad[0][1]}")
+        labels += [str(v) for v in out["label"]]
     return labels
 
 

@@ -135,7 +135,8 @@ def _cv(cv: dict[str, Any] | None, folds: list[dict[str, Any]], plot: Path | Non
                 "models on stratified folds of all images and report each metric as mean ± standard deviation.</p>")
     keys = [k for k, v in cv.items() if isinstance(v, dict)]
     rows = [{"metric": k, "mean": cv[k]["mean"], "std": cv[k]["std"]} for k in keys]
-    grouped = "groups kept together" if cv.get("grouped") else "no duplicate groups in the manifest"
+    grouped = (f"groups kept together: {cv.get('group_source') or 'duplicate groups'}" if cv.get("grouped")
+               else cv.get("group_warning") or "no groups: every image on its own")
     return (f"<p>{cv['folds']} folds over {cv['n']} images ({grouped}).</p>"
             + table(rows, ["metric", "mean", "std"], left=["metric"])
             + table(folds, ["fold", "n_train", "n_val", "n_test", "best_epoch", "accuracy", "macro_f1"])
@@ -188,7 +189,10 @@ def render_report(*, title: str, metrics: dict[str, Any], slices: list[dict[str,
                       + "</div>"),
         "calibration": (f"<p>Expected calibration error {metrics['ece_before']:.4f} as trained"
                         + (f", {metrics['ece']:.4f} after temperature scaling (T = {metrics['temperature']:.3f}, "
-                           "fitted on the validation split)" if metrics.get("temperature") else "")
+                           "fitted on the validation split)" if metrics.get("temperature")
+                           and metrics.get("temperature_status") != "fallback" else "")
+                        + (f" (temperature scaling: {metrics['temperature_note']})" if metrics.get("temperature_note")
+                           else "")
                         + ".</p>" + figure(png("reliability.png"), "reliability diagram")),
         "slices": _slices(slices, metrics),
         "errors": ("<p>The test images with the highest loss: true label, prediction and its probability.</p>"

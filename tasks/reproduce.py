@@ -70,6 +70,25 @@ def _run(cmd: list[str], cwd: Path, env: dict[str, str]) -> None:
         raise ReproduceError(f"`{' '.join(cmd)}` failed in {cwd}:\n{(res.stdout + res.stderr)[-3000:]}")
 
 
+def changed_weights(params_file: Path, root: Path, trained_sha256: str | None) -> str | None:
+    """Why the local pretrained weights file named in params_file is not the one a version was trained from
+    (its sha256, recorded at training, differs or the file is gone); None when it is, or there is none to check.
+    DVC sees only the path in params, never the file, so a rebuild would silently start from other weights."""
+    from tasks.config import load_params
+    from tasks.models import weights_file_sha256
+
+    pretrained = load_params(params_file).train.pretrained
+    if not trained_sha256 or not pretrained:
+        return None
+    path = Path(pretrained) if Path(pretrained).is_absolute() else root / pretrained
+    if not path.is_file():
+        return f"its pretrained weights file {path} is gone (it had sha256 {trained_sha256})"
+    now = weights_file_sha256(str(path))
+    if now != trained_sha256:
+        return f"its pretrained weights file {path} changed: sha256 {now}, trained from {trained_sha256}"
+    return None
+
+
 def reproduce(root: Path, client: "MlflowClient", name: str, version: str, *, gpu_tolerance: float = 0.005,
               keep: bool = False) -> tuple[list[Row], Path, float]:
     """Rebuild version in a temporary git worktree; returns (comparison, worktree, tolerance used)."""
@@ -97,6 +116,9 @@ def reproduce(root: Path, client: "MlflowClient", name: str, version: str, *, gp
             if not (lineage / item).exists():
                 raise ReproduceError(f"v{version}'s run has no {LINEAGE}/{item}: it cannot be rebuilt exactly")
             shutil.copyfile(lineage / item, tree / item)
+        changed = changed_weights(tree / "params.yaml", root, run.data.tags.get("pretrained.sha256"))
+        if changed:
+            raise ReproduceError(f"v{version} cannot be rebuilt as it was trained: {changed}")
         if not params_tracking_is_local(tree / "params.yaml"):
             # The rebuild records into its own throwaway MLflow store, never the shared server's registry.
             from tasks.config import write_overrides

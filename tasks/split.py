@@ -333,6 +333,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    from tasks.stagehost import run_main
+    from tasks.stagehost import check_no_arguments, run_main
 
+    check_no_arguments("tasks.split")
     run_main("tasks.split", main)

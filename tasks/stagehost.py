@@ -48,6 +48,21 @@ def enabled() -> bool:
 # ---------------------------------------------------------------------------------------------- the command
 
 
+def check_no_arguments(module: str, argv: list[str] | None = None) -> None:
+    """A stage command takes no arguments (DVC runs it with none; it reads params.yaml): `--help` describes it
+    and exits, and any other argument is an error (exit 2) instead of being ignored by a stage that then runs."""
+    import argparse
+
+    main = sys.modules.get("__main__")
+    doc = main.__doc__ if main is not None and getattr(main, "__spec__", None) and main.__spec__.name == module \
+        else getattr(sys.modules.get(module), "__doc__", None)
+    parser = argparse.ArgumentParser(
+        prog=f"python -m {module}", description=doc, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="A DVC stage (dvc.yaml): it reads params.yaml and takes no arguments. Run it with `dvc repro` or "
+               "`imgclf run`; change params for one run with `imgclf run --set` or `dvc exp run -S`.")
+    parser.parse_args(sys.argv[1:] if argv is None else argv)
+
+
 def run_main(module: str, main: Callable[[], None]) -> None:
     """A stage module's `__main__`: hand the stage to the run's host when there is one, else call main()."""
     code = forward(module)

@@ -102,12 +102,17 @@ def requirements_checked_by_version() -> Iterator[None]:
         ru._PACKAGES_TO_MODULES = None
 
 
-def load_pyfunc(model_uri: str) -> Any:
-    """mlflow.pyfunc.load_model, with the requirement check by version (see requirements_checked_by_version)."""
+def load_pyfunc(model_uri: str, *, allow_paths: bool = False) -> Any:
+    """mlflow.pyfunc.load_model, with the requirement check by version (see requirements_checked_by_version).
+
+    allow_paths=True lets the serving model read image files named in its input (model_config
+    {"allow_paths": True}): for in-process callers naming their own files, never for a model that serves
+    clients. Versions logged before the option existed read paths anyway; MLflow ignores the key for them
+    (with a warning) and loads them as before."""
     import mlflow
 
     with requirements_checked_by_version():
-        return mlflow.pyfunc.load_model(model_uri)
+        return mlflow.pyfunc.load_model(model_uri, model_config={"allow_paths": True} if allow_paths else None)
 
 
 def log_serving_model(model_dir: Path) -> str:
@@ -124,6 +129,8 @@ def log_serving_model(model_dir: Path) -> str:
             artifacts={"model_dir": str(model_dir)},
             code_paths=[str(Path(__file__).parent)],
             pip_requirements=list(SERVING_REQUIREMENTS),
+            # declared so that a loader may set it: MLflow drops model_config keys the model did not log
+            model_config={"allow_paths": False},
         )
     return info.model_uri
 

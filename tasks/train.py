@@ -63,6 +63,7 @@ class TrainConfig:
     random_resized_crop: bool = False  # RandomResizedCrop per image on the decoded cache (to image_size)
     rrc_scale: tuple[float, float] = (0.08, 1.0)  # RandomResizedCrop area range
     pretrained: str | None = None  # torchvision weights name or a local state_dict file
+    pretrained_sha256: str | None = None  # what a local weights file must hash to (train.pretrained_sha256)
     freeze_epochs: int = 0  # head-only epochs at the start (pretrained models)
     backbone_lr_mult: float = 0.1  # backbone lr = lr * this when pretrained
     compile: bool = False
@@ -686,7 +687,7 @@ def config_from_params(params: Any) -> TrainConfig:
                        class_weights=t.class_weights, ema_decay=t.ema_decay, mixup_alpha=t.mixup_alpha,
                        cutmix_alpha=t.cutmix_alpha, random_erasing=t.random_erasing,
                        auto_augment=t.auto_augment, random_resized_crop=t.random_resized_crop,
-                       rrc_scale=tuple(t.rrc_scale), pretrained=t.pretrained,
+                       rrc_scale=tuple(t.rrc_scale), pretrained=t.pretrained, pretrained_sha256=t.pretrained_sha256,
                        freeze_epochs=t.freeze_epochs, backbone_lr_mult=t.backbone_lr_mult, compile=t.compile,
                        in_memory=t.in_memory, cache_max_gb=t.cache_max_gb, num_workers=t.num_workers)
 
@@ -736,8 +737,13 @@ def train(cfg: TrainConfig, *, raw_dir: Path, splits_dir: Path, dataset_mode: st
 
     With checkpoint_root, a killed run resumes from <root>/<hash of config and data>/last.pt; the
     checkpoint is removed once the model is saved."""
-    from tasks.models import build_model, save_model
+    from tasks.models import build_model, save_model, weights_file_sha256
 
+    weights_sha256 = weights_file_sha256(cfg.pretrained)
+    if cfg.pretrained_sha256 and weights_sha256 and weights_sha256 != cfg.pretrained_sha256.lower():
+        raise TrainingError(f"train.pretrained {cfg.pretrained}: its sha256 is {weights_sha256}, not "
+                            f"train.pretrained_sha256 {cfg.pretrained_sha256.lower()}: the weights file changed. "
+                            "Put the pinned file back, or pin the new one (which retrains)")
     seed_everything(cfg.seed)
     data = prepare(cfg, raw_dir=raw_dir, splits_dir=splits_dir, dataset_mode=dataset_mode)
     model = build_model(cfg.model, num_classes=len(data.classes), in_channels=data.spec.channels,
@@ -752,7 +758,8 @@ def train(cfg: TrainConfig, *, raw_dir: Path, splits_dir: Path, dataset_mode: st
     model.load_state_dict(best_state)
     save_model(out_dir, model, name=cfg.model, classes=data.classes, preprocess=data.spec,
                extra={"best_epoch": result.best_epoch, "best_val_accuracy": result.best_val_accuracy,
-                      "batch_size": result.batch_size, "presets": presets(cfg, data.spec)})
+                      "batch_size": result.batch_size, "presets": presets(cfg, data.spec),
+                      "pretrained_sha256": weights_sha256})
     write_json(out_dir / "history.json", result.history)
     if ckpt is not None:
         ckpt.unlink(missing_ok=True)
@@ -907,10 +914,12 @@ def main() -> None:
                             "effective_batch_size": result.batch_size, "oom_retries": result.oom_retries,
                             "epochs_run": len(result.history), "tracking_seconds": tracking_seconds,
                             "tracking_fraction": tracking_seconds / max(result.seconds, 1e-9)})
+        meta = json.loads((OUT_DIR / "model.json").read_text())
         mlflow.set_tags({"imgclf.resumed_from_epoch": str(result.resumed_from_epoch),
-                         "imgclf.stopped_early": str(result.stopped_early)})
+                         "imgclf.stopped_early": str(result.stopped_early),
+                         **({"pretrained.sha256": meta["pretrained_sha256"]} if meta.get("pretrained_sha256") else {})})
         mlflow.log_artifact(str(OUT_DIR / "curves.png"), "plots")
-        mlflow.log_dict(json.loads((OUT_DIR / "model.json").read_text()), "model_meta.json")
+        mlflow.log_dict(meta, "model_meta.json")
         model_uri = tracking.log_serving_model(OUT_DIR)
         write_json(OUT_DIR / "mlflow.json", {"run_id": run.info.run_id, "model_uri": model_uri,
                                              "experiment_id": run.info.experiment_id})
@@ -919,6 +928,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    from tasks.stagehost import run_main
+    from tasks.stagehost import check_no_arguments, run_main
 
+    check_no_arguments("tasks.train")
     run_main("tasks.train", main)

@@ -468,6 +468,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    from tasks.stagehost import run_main
+    from tasks.stagehost import check_no_arguments, run_main
 
+    check_no_arguments("tasks.validate")
     run_main("tasks.validate", main)

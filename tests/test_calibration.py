@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from tasks.calibration import expected_calibration_error, fit_temperature, reliability_bins
+from tasks.calibration import (TEMPERATURE_RANGE, expected_calibration_error, fit_temperature, reliability_bins,
+                               temperature_fit)
 
 
 def test_ece_is_zero_when_confidence_matches_accuracy_and_the_gap_otherwise():
@@ -85,3 +86,64 @@ def test_a_separable_validation_split_gets_no_temperature():
     targets = torch.randint(0, 10, (300,), generator=torch.Generator().manual_seed(0))
     logits = torch.randn(300, 10, generator=torch.Generator().manual_seed(1)) + 8 * F.one_hot(targets, 10)
     assert fit_temperature(logits, targets) == 1.0
+
+
+def _sampled(n: int = 4000, k: int = 5, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits and labels drawn from softmax(logits): T = 1 is exactly right for them."""
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(n, k, generator=g) * 2
+    return logits, torch.multinomial(torch.softmax(logits, 1), 1, generator=g).squeeze(1)
+
+
+@pytest.mark.parametrize("scale", [0.02, 0.005])
+def test_a_strongly_under_confident_model_gets_its_small_temperature(scale):
+    # the true-class margin is tiny (logits 50x / 200x too small) but consistent: best T = scale, a real
+    # minimum (the old 1e-2 <= T guard turned the 0.005 one into T = 1)
+    true_logits, targets = _sampled()
+    fit = temperature_fit(true_logits * scale, targets)
+    assert fit.status == "fitted" and fit.reason is None
+    assert fit.temperature == pytest.approx(scale, rel=0.1)
+    assert fit.nll_after < fit.nll_before
+    before = expected_calibration_error(torch.softmax(true_logits * scale, 1), targets)
+    after = expected_calibration_error(torch.softmax(true_logits * scale / fit.temperature, 1), targets)
+    assert before > 0.4 and after < 0.1
+    assert fit_temperature(true_logits * scale, targets) == fit.temperature
+
+
+def test_a_perfectly_separated_split_falls_back_and_says_why():
+    logits = torch.tensor([[0.02, 0.0], [0.0, 0.03], [0.01, 0.0]])  # tiny margins, but every one on the right side
+    fit = temperature_fit(logits, torch.tensor([0, 1, 0]))
+    assert (fit.temperature, fit.status) == (1.0, "fallback") and "perfectly separated" in fit.reason
+    empty = temperature_fit(torch.empty(0, 2), torch.empty(0, dtype=torch.int64))
+    assert (empty.temperature, empty.status) == (1.0, "fallback") and "no images" in empty.reason
+
+
+def test_one_error_in_a_nearly_separated_split_makes_the_minimum_real():
+    import torch.nn.functional as F
+
+    targets = torch.randint(0, 10, (300,), generator=torch.Generator().manual_seed(0))
+    logits = torch.randn(300, 10, generator=torch.Generator().manual_seed(1)) + 8 * F.one_hot(targets, 10)
+    logits[0] = logits[0].roll(1)  # one confident mistake
+    fit = temperature_fit(logits, targets)
+    assert fit.status == "fitted" and TEMPERATURE_RANGE[0] < fit.temperature < 1.0
+    nll = lambda temp: float(F.cross_entropy(logits.double() / temp, targets))  # noqa: E731
+    assert nll(fit.temperature) <= min(nll(fit.temperature * 1.01), nll(fit.temperature / 1.01))
+
+
+def test_logits_that_do_not_favour_the_true_class_fall_back_and_say_why():
+    import torch.nn.functional as F
+
+    targets = torch.arange(200) % 4
+    logits = -2.0 * F.one_hot(targets, 4) + torch.randn(200, 4, generator=torch.Generator().manual_seed(0)) * 0.1
+    fit = temperature_fit(logits, targets)
+    assert (fit.temperature, fit.status) == (1.0, "fallback") and "do not favour" in fit.reason
+
+
+def test_an_optimum_outside_the_documented_range_is_clamped_and_says_so():
+    true_logits, targets = _sampled()
+    low = temperature_fit(true_logits * 1e-4, targets)  # best T ~ 1e-4
+    assert (low.temperature, low.status) == (TEMPERATURE_RANGE[0], "clamped") and "clamped" in low.reason
+    assert low.nll_after < low.nll_before
+    high = temperature_fit(true_logits * 1e4, targets)  # best T ~ 1e4
+    assert (high.temperature, high.status) == (TEMPERATURE_RANGE[1], "clamped")
+    assert high.nll_after < high.nll_before

@@ -88,3 +88,140 @@ def test_a_failed_stage_points_at_its_own_message():
         hint = failure_hint(exc)
     assert "the split stage's command exited with 1" in hint and '"split failed"' in hint
     assert failure_hint(RuntimeError("gate crashed")) == ""
+
+
+# ---------------------------------------------------------------- promote / rollback / history, in process
+
+@pytest.fixture()
+def registry_project(tmp_path: Path, monkeypatch):
+    """A project folder (params.yaml + dvc.yaml) with its own sqlite MLflow store, cwd in it; yields a
+    function that registers a version with the given gate tags (no model files: these commands never load one)."""
+    import shutil
+
+    import mlflow
+
+    shutil.copy(Path(__file__).resolve().parent.parent / "params.yaml", tmp_path / "params.yaml")
+    (tmp_path / "dvc.yaml").write_text("stages: {}\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("COLUMNS", "400")  # rich: no line wrapping inside the messages checked
+    from tasks import tracking
+
+    tracking.configure("sqlite:///mlflow.db", "imgclf", tmp_path)
+    client = mlflow.MlflowClient()
+
+    def add_version(gate: str = "passed", compared_with: str = "") -> str:
+        try:
+            client.create_registered_model("imgclf")
+        except mlflow.exceptions.MlflowException:
+            pass  # already there
+        tags = {"gate": gate, "gate.compared_with": compared_with, "gate.reasons": f"{gate} in a test"}
+        return str(client.create_model_version("imgclf", source=str(tmp_path / "model"), tags=tags).version)
+
+    add_version.client = client
+    yield add_version
+    mlflow.set_tracking_uri(None)
+
+
+def _imgclf(*args: str):
+    from typer.testing import CliRunner
+
+    from tasks.cli import app
+
+    res = CliRunner().invoke(app, list(args))
+    assert res.exception is None or isinstance(res.exception, SystemExit), res.exception  # a message, not a traceback
+    return res.exit_code, " ".join(res.output.split())
+
+
+def _champion(client) -> str:
+    from tasks import registry
+
+    return str(registry.champion_version(client, "imgclf").version)
+
+
+def test_rollback_twice_never_puts_back_the_version_the_first_one_removed(registry_project):
+    """The user's report: v2 failed its gate and was forced in; rollback went to v1, a second rollback to v2."""
+    from tasks import registry
+
+    client = registry_project.client
+    registry_project("passed"), registry_project("failed", "1")
+    registry.set_champion(client, "imgclf", "1", "gate passed (first champion: floors only)")
+    assert _imgclf("promote", "2")[0] == 1  # refused: its gate failed
+    code, out = _imgclf("promote", "2", "--force")
+    assert code == 0 and "champion -> imgclf v2 (was v1)" in out
+    code, out = _imgclf("rollback")
+    assert code == 0 and "champion -> imgclf v1 (was v2)" in out
+    code, out = _imgclf("rollback")
+    assert code == 1 and "nothing to roll back to" in out
+    assert _champion(client) == "1"
+    moves = registry.alias_history(client, "imgclf")
+    assert [(m["from"], m["to"], m["kind"]) for m in moves] == [("", "1", "promote"), ("1", "2", "promote"),
+                                                                ("2", "1", "rollback")]
+
+
+def test_rollback_refuses_a_target_whose_gate_failed_unless_forced(registry_project):
+    from tasks import registry
+
+    client = registry_project.client
+    registry_project("failed"), registry_project("passed", "1")
+    registry.set_champion(client, "imgclf", "1", "manual promotion (imgclf promote) FORCED over: failed")
+    registry.set_champion(client, "imgclf", "2", "gate passed against v1")
+    code, out = _imgclf("rollback")
+    assert code == 1 and "not rolled back to v1: its gate record is 'failed'" in out and "--force" in out
+    assert _champion(client) == "2"
+    code, out = _imgclf("rollback", "--force")
+    assert code == 0 and "champion -> imgclf v1 (was v2)" in out
+    last = registry.alias_history(client, "imgclf")[-1]
+    assert last["kind"] == "rollback" and last["reason"].startswith("rollback from v2 FORCED over: v1")
+
+
+def test_rollback_does_not_overwrite_a_move_made_while_it_ran(registry_project, monkeypatch):
+    """Compare-and-set, like promote: another process promotes v3 after rollback read the champion (v2)."""
+    from tasks import registry
+
+    client = registry_project.client
+    for _ in range(3):
+        registry_project("passed")
+    registry.set_champion(client, "imgclf", "1", "first")
+    registry.set_champion(client, "imgclf", "2", "better")
+    read = registry.alias_history
+    raced = []
+
+    def history_then_a_concurrent_move(c, name):
+        moves = read(c, name)
+        if not raced:
+            raced.append(1)
+            registry.set_champion(c, name, "3", "another process")
+        return moves
+
+    monkeypatch.setattr(registry, "alias_history", history_then_a_concurrent_move)
+    code, out = _imgclf("rollback")
+    assert code == 1 and "not rolled back: champion moved to v3" in out
+    assert _champion(client) == "3"
+
+
+def test_promote_rollback_and_history_before_anything_is_registered(registry_project):
+    code, out = _imgclf("rollback")
+    assert code == 1 and "nothing to roll back to: there is no champion yet" in out
+    code, out = _imgclf("promote", "1")
+    assert code == 1 and "imgclf has no version 1 (nothing is registered yet" in out
+    code, out = _imgclf("history")
+    assert code == 0 and "champion history" in out
+
+
+def test_promote_gives_advice_that_works_and_knows_the_champion(registry_project):
+    """A version gated when there was no champion, champion now another: `imgclf run` would not gate it again
+    ("already registered"), so the advice is to compare and --force. Promoting the champion is a no-op."""
+    from tasks import registry
+
+    client = registry_project.client
+    registry_project("passed", ""), registry_project("passed", "1")
+    registry.set_champion(client, "imgclf", "1", "gate passed (first champion: floors only)")
+    registry.set_champion(client, "imgclf", "2", "gate passed against v1")
+    code, out = _imgclf("promote", "1")
+    assert code == 1 and "no champion (floors only) but champion is now v2" in out
+    assert "re-run `imgclf run`" not in out and "--force" in out
+    before = registry.alias_history(client, "imgclf")
+    code, out = _imgclf("promote", "2")
+    assert code == 0 and "imgclf v2 is already champion" in out
+    assert _imgclf("promote", "2", "--force")[0] == 0
+    assert registry.alias_history(client, "imgclf") == before and _champion(client) == "2"

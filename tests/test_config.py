@@ -312,3 +312,38 @@ def test_source_override_of_a_csv_manifest_watches_its_folder_and_passes_validat
     assert source_overrides("/data/pets.zip")["ingest.watch"] == "/data/pets.zip"
     params = load_params(Path(__file__).resolve().parent.parent / "params.yaml", overrides)
     assert params.ingest.watch == "/data/flat"
+
+
+# --- where the project is ----------------------------------------------------------------------
+
+
+def test_project_root_is_found_from_a_subfolder_and_refused_outside_any_project(tmp_path):
+    from tasks.config import NotInProject, project_root
+
+    project = tmp_path / "proj"
+    (project / "sub" / "deeper").mkdir(parents=True)
+    (project / "dvc.yaml").write_text("stages: {}\n")
+    shutil.copyfile(REPO_PARAMS, project / "params.yaml")
+    assert project_root(project / "sub" / "deeper") == project.resolve()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    with pytest.raises(NotInProject, match="elsewhere is not inside an imgclf project"):
+        project_root(elsewhere)  # never the checkout the package is installed from
+
+
+def test_missing_source_names_the_path_and_ignores_sample_and_url_sources(tmp_path):
+    from tasks.config import missing_source
+
+    (tmp_path / "images").mkdir()
+    assert missing_source("images", tmp_path) is None  # relative paths are the project's
+    assert missing_source(str(tmp_path / "images"), Path("/")) is None
+    problem = missing_source("nope/labels.csv", tmp_path)
+    assert problem is not None and str(tmp_path / "nope" / "labels.csv") in problem and "ingest.source" in problem
+    assert missing_source("sample:digits", tmp_path) is None
+    assert missing_source("https://example.org/data.zip", tmp_path) is None
+
+
+def test_pretrained_sha256_needs_a_weights_file_to_pin(params_copy):
+    with pytest.raises(ParamsError, match="train.pretrained_sha256 pins a local weights file"):
+        load_params(params_copy, {"train.pretrained_sha256": "a" * 64})
+    assert load_params(params_copy, {"train.pretrained": "w.pth", "train.pretrained_sha256": "a" * 64})

@@ -5,7 +5,8 @@ import pandas as pd
 import pytest
 import torch
 
-from tasks.cv import assign_folds, cross_validate, group_values, label_issues, make_folds, summarise
+from tasks.cv import (assign_folds, cross_validate, label_issues, load_pool, load_split_groups, make_folds,
+                      resolve_groups, summarise)
 from tasks.evaluate import compute_metrics
 from tasks.preprocess import Preprocess
 from tasks.train import TrainConfig
@@ -63,13 +64,64 @@ def test_summary_is_mean_and_sample_std():
     assert s["accuracy"]["mean"] == pytest.approx(0.9) and s["accuracy"]["std"] == pytest.approx(0.1)
 
 
-def test_group_values_come_from_the_manifest_when_the_column_exists():
-    frame = pd.DataFrame({"path": ["a/1.png", "a/2.png", "b/3.png"]})
-    manifest = pd.DataFrame({"path": ["a/1.png", "a/2.png", "b/3.png"], "group": ["g1", "g1", None]})
-    assert group_values(frame, manifest, "group")[:2] == ["g1", "g1"]
-    assert group_values(frame, manifest, "group")[2].startswith("__row")  # ungrouped row: its own group
-    assert group_values(frame, manifest, "phash") is None
-    assert group_values(frame, None, "group") is None
+def _split_stage_outputs(tmp_path):
+    """Real split-stage outputs for 24 images, where a/0-a/2 are one image three times and b/0-b/1 another."""
+    from tasks.split import split
+
+    rows = [{"path": f"{label}/{i}.png", "label": label, "sha256": f"{label}{i}", "phash": "",
+             "split_hint": "", "accepted": True} for label in "ab" for i in range(12)]
+    for r in rows:
+        if r["path"] in ("a/1.png", "a/2.png"):
+            r["sha256"] = "a0"
+        if r["path"] == "b/1.png":
+            r["sha256"] = "b0"
+    manifest = pd.DataFrame(rows)
+    manifest.to_csv(tmp_path / "manifest.csv", index=False)
+    split(tmp_path / "manifest.csv", tmp_path / "splits", val_fraction=0.2, test_fraction=0.2, seed=0,
+          suite_path=None)
+    return manifest.drop(columns=["sha256"]), tmp_path / "splits"  # a manifest with no group column, as ours
+
+
+def test_default_groups_are_the_split_stages_duplicate_groups(tmp_path):
+    manifest, splits = _split_stage_outputs(tmp_path)
+    pool = load_pool(splits)
+    groups = resolve_groups(pool, column="group", manifest=manifest, split_groups=load_split_groups(splits))
+    at = dict(zip(pool["path"], groups.values))
+    assert at["a/0.png"] == at["a/1.png"] == at["a/2.png"] and at["b/0.png"] == at["b/1.png"]
+    assert at["a/0.png"] != at["b/0.png"] and len(set(groups.values)) == 24 - 3  # the rest: one group each
+    assert groups.grouped_images == 5 and "groups.csv" in groups.source
+    fold_of = assign_folds(pool["label"].tolist(), k=3, seed=0, groups=groups.values)
+    assert len({fold_of[i] for i, p in enumerate(pool["path"]) if p in ("a/0.png", "a/1.png", "a/2.png")}) == 1
+
+
+def test_a_manifest_column_adds_its_groups_to_the_split_stages(tmp_path):
+    manifest, splits = _split_stage_outputs(tmp_path)
+    manifest["source"] = ["s1" if p in ("a/5.png", "a/6.png", "a/2.png") else "" for p in manifest["path"]]
+    pool = load_pool(splits)
+    groups = resolve_groups(pool, column="source", manifest=manifest, split_groups=load_split_groups(splits))
+    at = dict(zip(pool["path"], groups.values))
+    # a/5, a/6 share a source; a/2 links that source to split's duplicate group a/0-a/2
+    assert at["a/0.png"] == at["a/1.png"] == at["a/2.png"] == at["a/5.png"] == at["a/6.png"]
+    assert at["b/0.png"] == at["b/1.png"] != at["a/0.png"] and groups.grouped_images == 7
+    assert "manifest column 'source'" in groups.source and "groups.csv" in groups.source
+    # without split's file the manifest column alone still works; missing values are their own group
+    alone = resolve_groups(pool, column="source", manifest=manifest, split_groups=None)
+    at = dict(zip(pool["path"], alone.values))
+    assert at["a/2.png"] == at["a/5.png"] == at["a/6.png"] and at["a/0.png"] != at["a/1.png"]
+
+
+def test_a_group_column_found_nowhere_is_an_error_not_an_ungrouped_cv(tmp_path):
+    manifest, splits = _split_stage_outputs(tmp_path)
+    pool = load_pool(splits)
+    with pytest.raises(ValueError, match=r"cv_group_column='phash_group'.*manifest.*groups.csv.*null"):
+        resolve_groups(pool, column="phash_group", manifest=manifest, split_groups=load_split_groups(splits))
+    with pytest.raises(ValueError, match="re-run the split stage"):  # no groups.csv, no such manifest column
+        resolve_groups(pool, column="phash_group", manifest=manifest, split_groups=None)
+    # the default, on splits made before the split stage wrote groups.csv: ungrouped, and it says so
+    old = resolve_groups(pool, column="group", manifest=manifest, split_groups=None)
+    assert old.values is None and "NOT group-aware" in old.warning and "dvc repro split" in old.warning
+    off = resolve_groups(pool, column=None, manifest=manifest, split_groups=load_split_groups(splits))
+    assert off.values is None and "null" in off.source and off.warning is None  # the explicit ungrouped CV
 
 
 def _blobs(n: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -10,6 +10,8 @@ import torch
 from PIL import Image
 
 from tasks.evaluate import (
+    LATENCY_B1_BUDGET_S,
+    LATENCY_B64_BUDGET_S,
     EvalConfig,
     Outputs,
     bootstrap_ci,
@@ -24,6 +26,7 @@ from tasks.evaluate import (
     worst_indices,
     worst_slice,
 )
+from tasks.export import keep_timing, latency_floor, time_call
 from tasks.models import build_model, save_model
 from tasks.preprocess import Preprocess
 
@@ -216,6 +219,9 @@ def test_run_writes_every_output_with_the_metrics_contract(tmp_path: Path, monke
     assert {"top1_agreement", "max_abs_logit_diff", "latency_ms_b1", "torch_latency_ms_b1"} <= set(m["onnx"])
     assert m["onnx"]["top1_agreement"] == 1.0 and m["onnx"]["max_abs_logit_diff"] < 1e-3
     assert m["latency_ms_b1"] > 0 and m["latency_ms_b64"] > 0
+    # how many runs each median is of (at most evaluate.latency_repeats, at least one)
+    assert 1 <= m["latency_runs_b1"] <= 2 and 1 <= m["latency_runs_b64"] <= 2 and 1 <= m["onnx"]["latency_runs_b1"] <= 2
+    assert m["temperature_status"] in ("fitted", "clamped", "fallback")
     assert "cv" not in m
     for name in ("confusion_matrix.png", "confusion_matrix_normalized.png", "reliability.png", "worst_loss.png",
                  "gradcam.png", "confusion.csv", "reliability.csv", "per_class.csv"):
@@ -233,6 +239,7 @@ def test_run_writes_every_output_with_the_metrics_contract(tmp_path: Path, monke
     flat = flat_metrics(m)
     assert flat["test/accuracy"] == m["accuracy"] and "test/onnx/top1_agreement" in flat
     assert "test/accuracy_ci95_low" in flat and "test/f1/dark" in flat
+    assert flat["test/latency_runs_b64"] == m["latency_runs_b64"] and "test/onnx/latency_runs_b1" in flat
 
 
 def test_a_failing_run_leaves_the_previous_outputs_alone(tmp_path: Path, monkeypatch):
@@ -245,7 +252,7 @@ def test_a_failing_run_leaves_the_previous_outputs_alone(tmp_path: Path, monkeyp
     def boom(*a, **k):
         raise RuntimeError("export failed")
 
-    monkeypatch.setattr(tasks.export, "check_onnx", boom)
+    monkeypatch.setattr(tasks.export, "export_onnx", boom)
     with pytest.raises(RuntimeError, match="export failed"):
         run(EvalConfig(bootstrap_samples=100, latency_repeats=1), model_dir=p["model"], splits_dir=p["splits"],
             raw_dir=p["raw"], manifest_path=p["manifest"], out=out, log=lambda _: None)
@@ -329,3 +336,132 @@ def test_gallery_mosaic_places_every_image_under_its_title_and_blends_overlays(t
         assert np.asarray(png.convert("L")).min() < 10  # the black image is drawn
     plot_gallery(images[:0], [], tmp_path / "empty.png", suptitle="s")
     assert (tmp_path / "empty.png").stat().st_size > 0
+
+
+class FakeClock:
+    """A clock that moves only when the timed call runs: run_s[i] seconds for the i-th call (the last repeats)."""
+
+    def __init__(self, *run_s: float):
+        self.now, self.calls, self.run_s = 0.0, 0, run_s
+
+    def __call__(self) -> float:
+        return self.now
+
+    def call(self) -> None:
+        self.now += self.run_s[min(self.calls, len(self.run_s) - 1)]
+        self.calls += 1
+
+
+def test_a_huge_model_is_warmed_up_once_and_timed_once():
+    # ViT-B/16 at 224 px on 2 CPU cores: ~15.6 s per batch of 64; the old floor of 5 runs after 3 warm-ups
+    # spent ~125 s on this one figure
+    clock = FakeClock(15.6)
+    lat = time_call(clock.call, repeats=20, budget_s=LATENCY_B64_BUDGET_S, clock=clock)
+    assert (lat.warmup, lat.runs, clock.calls) == (1, 1, 2)
+    assert lat.ms == pytest.approx(15600) and lat.seconds == pytest.approx(31.2)
+
+
+def test_a_run_within_the_budget_gets_two_runs_and_a_cheap_one_keeps_the_floor_of_five():
+    mid = FakeClock(0.2)  # one run fits the 0.3 s budget, five do not
+    lat = time_call(mid.call, repeats=20, budget_s=0.3, clock=mid)
+    assert (lat.warmup, lat.runs) == (2, 2)
+    cheap = FakeClock(0.055)  # five runs fit: the budget is passed after 3 runs, the floor asks for 5
+    lat = time_call(cheap.call, repeats=20, budget_s=0.3, clock=cheap)
+    assert (lat.warmup, lat.runs) == (3, 5)
+
+
+def test_fast_calls_stop_at_repeats_or_at_the_budget():
+    fast = FakeClock(0.001)
+    assert time_call(fast.call, repeats=20, budget_s=0.3, clock=fast).runs == 20
+    many = FakeClock(0.01)
+    lat = time_call(many.call, repeats=1000, budget_s=0.3, clock=many)
+    assert 5 <= lat.runs < 1000 and lat.seconds <= 0.3 + 0.01 + 1e-9  # stops on the first run past the budget
+    assert time_call(FakeClock(0.01).call, repeats=0, budget_s=1, clock=FakeClock(0)).runs == 1  # never zero
+
+
+def test_a_slow_first_call_is_a_warm_up_not_a_timed_run():
+    clock = FakeClock(10.0, 0.01)  # one-off start-up cost on the first call only
+    lat = time_call(clock.call, repeats=20, budget_s=LATENCY_B1_BUDGET_S, clock=clock)
+    assert lat.warmup == 1 and lat.runs == 5 and lat.ms == pytest.approx(10)
+
+
+def test_latency_floor_and_keep_timing_decisions():
+    assert latency_floor(0.01, budget_s=0.3) == 5
+    assert latency_floor(0.2, budget_s=0.3) == 2
+    assert latency_floor(15.6, budget_s=0.3) == 1
+    assert keep_timing([], 100.0, repeats=20, budget_s=0.3)  # always one run
+    assert not keep_timing([15.6], 31.2, repeats=20, budget_s=0.3)
+    assert keep_timing([0.2], 0.6, repeats=20, budget_s=0.3) and not keep_timing([0.2] * 2, 0.8, repeats=20,
+                                                                                    budget_s=0.3)
+    assert keep_timing([0.01] * 3, 0.2, repeats=20, budget_s=0.3)  # within budget
+    assert not keep_timing([0.01] * 3, 0.2, repeats=3, budget_s=0.3)  # repeats reached
+
+
+def test_a_degenerate_temperature_fit_says_why_in_metrics_and_log(tmp_path: Path, monkeypatch):
+    import tasks.calibration as calibration
+
+    p = _tiny_project(tmp_path)
+    out = Outputs(reports=tmp_path / "reports", onnx_dir=tmp_path / "onnx")
+    reason = "every image has its true class on top (a perfectly separated split)"
+    monkeypatch.setattr(calibration, "temperature_fit",
+                        lambda *a, **k: calibration.TemperatureFit(1.0, "fallback", reason))
+    lines: list[str] = []
+    m = run(EvalConfig(bootstrap_samples=50, latency_repeats=1, worst_n=2, slices=()), model_dir=p["model"],
+            splits_dir=p["splits"], raw_dir=p["raw"], manifest_path=p["manifest"], out=out, log=lines.append)
+    assert m["temperature"] == 1.0 and m["temperature_status"] == "fallback" and m["temperature_note"] == reason
+    assert any("fallback" in line and reason in line for line in lines)
+    assert json.loads(out.metrics.read_text())["temperature_note"] == reason
+
+
+def _with_split_groups(p: dict[str, Path]) -> None:
+    """data/splits/groups.csv as the split stage writes it: dark/0 and dark/3 are near-duplicates."""
+    pd.DataFrame({"path": ["dark/0.png", "dark/3.png"], "label": ["dark", "dark"], "group": [0, 0],
+                  "split": ["test", "test"], "sha256": ["x", "y"], "phash": ["", ""]}).to_csv(
+        p["splits"] / "groups.csv", index=False)
+
+
+def _cv_run(tmp_path: Path, p: dict[str, Path], lines: list[str]) -> dict:
+    from tasks.train import TrainConfig
+
+    train_cfg = TrainConfig(model="smallcnn", image_size=16, epochs=1, batch_size=4, optimizer="adamw", lr=0.01,
+                            weight_decay=0.0, label_smoothing=0.0, hflip=False, translate=0.0, device="cpu",
+                            seed=0)
+    cfg = EvalConfig(bootstrap_samples=50, latency_repeats=1, worst_n=2, slices=(), gradcam=False, cv_folds=2,
+                     label_issues_max=3)
+    assert cfg.cv_group_column == "group"  # the default
+    out = Outputs(reports=tmp_path / "reports", onnx_dir=tmp_path / "onnx")
+    return run(cfg, model_dir=p["model"], splits_dir=p["splits"], raw_dir=p["raw"], manifest_path=p["manifest"],
+               out=out, train_cfg=train_cfg, log=lines.append)
+
+
+def test_cross_validation_uses_the_split_stages_groups_by_default(tmp_path: Path):
+    """The manifest has no `group` column (it never does): the default groups are split's groups.csv."""
+    p = _tiny_project(tmp_path)
+    _with_split_groups(p)
+    assert "group" not in pd.read_csv(p["manifest"]).columns
+    lines: list[str] = []
+    m = _cv_run(tmp_path, p, lines)
+    assert m["cv"]["grouped"] is True and "groups.csv" in m["cv"]["group_source"]
+    assert m["cv"]["grouped_images"] == 2 and "group_warning" not in m["cv"]
+    assert any("groups.csv" in line for line in lines)
+
+
+def test_splits_without_groups_csv_cross_validate_ungrouped_with_a_warning_in_metrics(tmp_path: Path):
+    p = _tiny_project(tmp_path)  # splits made before the split stage wrote groups.csv (or by hand)
+    lines: list[str] = []
+    m = _cv_run(tmp_path, p, lines)
+    assert m["cv"]["grouped"] is False and "NOT group-aware" in m["cv"]["group_warning"]
+    assert any(line.startswith("WARNING") and "groups.csv" in line for line in lines)
+
+
+def test_a_group_column_found_nowhere_stops_the_run_before_any_work(tmp_path: Path, monkeypatch):
+    import tasks.evaluate as ev
+
+    p = _tiny_project(tmp_path)
+    _with_split_groups(p)
+    monkeypatch.setattr(ev, "evaluate", lambda *a, **k: pytest.fail("evaluated before checking the groups"))
+    out = Outputs(reports=tmp_path / "reports", onnx_dir=tmp_path / "onnx")
+    with pytest.raises(ValueError, match="cv_group_column='source_id'.*manifest.*groups.csv.*null"):
+        run(EvalConfig(cv_folds=2, slices=(), cv_group_column="source_id"), model_dir=p["model"],
+            splits_dir=p["splits"], raw_dir=p["raw"], manifest_path=p["manifest"], out=out, train_cfg=object(),
+            log=lambda _: None)

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from tasks.predict import predict_logits
-from tasks.export import check_onnx, measure_latency, onnx_logits, onnx_session, parity, torch_latency_ms
+from tasks.export import check_onnx, onnx_logits, onnx_session, parity, time_call, torch_latency_ms
 from tasks.models import build_model
 from tasks.preprocess import Preprocess
 
@@ -16,10 +16,10 @@ def test_parity_counts_agreement_and_the_largest_difference():
     assert parity(a, b) == {"top1_agreement": pytest.approx(2 / 3), "max_abs_logit_diff": pytest.approx(1.5)}
 
 
-def test_latency_is_a_positive_median():
+def test_latency_is_a_positive_median_of_the_timed_runs_after_warm_up():
     calls = []
-    assert measure_latency(lambda: calls.append(1), repeats=5, warmup=2) >= 0
-    assert len(calls) == 7
+    timed = time_call(lambda: calls.append(1), repeats=5, warmup=2, budget_s=float("inf"))
+    assert timed.ms >= 0 and (timed.runs, timed.warmup) == (5, 2) and len(calls) == 7
 
 
 @pytest.mark.parametrize("mode", ["L", "RGB"])
@@ -31,7 +31,7 @@ def test_exported_model_matches_torch_with_any_batch_size(tmp_path, mode):
     logits = predict_logits(model, images, spec)
     result = check_onnx(model, spec, images, logits, tmp_path / "m.onnx", repeats=2, batch_size=3)
     assert result["top1_agreement"] == 1.0 and result["max_abs_logit_diff"] < 1e-4
-    assert result["latency_ms_b1"] > 0 and result["torch_latency_ms_b1"] > 0
+    assert result["latency_ms_b1"] > 0 and result["torch_latency_ms_b1"] > 0 and result["latency_runs_b1"] == 2
     onnx.checker.check_model(str(tmp_path / "m.onnx"))
     # dynamic batch: 1 and 5 images both run
     session = onnx_session(tmp_path / "m.onnx")
@@ -44,17 +44,3 @@ def test_torch_latency_grows_with_the_batch():
     spec = Preprocess.for_mode("L", 32)
     model = build_model("smallcnn", num_classes=3, in_channels=1)
     assert torch_latency_ms(model, spec, batch=64, repeats=3) > torch_latency_ms(model, spec, batch=1, repeats=3)
-
-
-def test_measure_latency_stops_at_its_time_budget_after_the_minimum_runs():
-    import time
-
-    from tasks.export import measure_latency
-
-    calls = []
-    slow = lambda: (calls.append(1), time.sleep(0.02))  # noqa: E731
-    assert measure_latency(slow, repeats=50, warmup=1, budget_s=0.05, min_repeats=5) >= 20
-    assert len(calls) == 1 + 5  # warm-up + the minimum: the budget was spent by then
-    calls.clear()
-    measure_latency(slow, repeats=4, warmup=0, budget_s=10)
-    assert len(calls) == 4  # never more than repeats

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +13,8 @@ from PIL import Image
 
 from tasks.ingest import IngestError, ingest, is_hidden
 from tasks.io import sha256_file
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 def _snapshot(folder: Path) -> dict[str, bytes]:
@@ -588,3 +592,57 @@ def test_outputs_are_readable_by_others_like_any_file_the_user_writes(tmp_path):
         os.umask(old)
     assert stat.S_IMODE((tmp_path / "a.txt").stat().st_mode) == 0o644
     assert stat.S_IMODE(staged.stat().st_mode) == 0o755
+
+
+def _ingest_command(tmp_path: Path, **ingest: str) -> subprocess.CompletedProcess:
+    """`python -m tasks.ingest` in a folder whose params.yaml has these ingest settings."""
+    import yaml
+
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["ingest"].update(ingest)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    return subprocess.run([sys.executable, "-m", "tasks.ingest"], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)})
+
+
+def test_the_stage_exits_with_the_not_retryable_code_when_trying_again_cannot_help(tmp_path):
+    from tasks.ingest import NOT_RETRYABLE_EXIT
+
+    res = _ingest_command(tmp_path, source=str(tmp_path / "nowhere"), watch=str(tmp_path / "nowhere"))
+    assert res.returncode == NOT_RETRYABLE_EXIT and "nowhere" in res.stdout + res.stderr
+    (tmp_path / "empty" / "cats").mkdir(parents=True)
+    res = _ingest_command(tmp_path, source=str(tmp_path / "empty"), watch=str(tmp_path / "empty"))
+    assert res.returncode == NOT_RETRYABLE_EXIT and "no files found" in " ".join((res.stdout + res.stderr).split())
+    assert not (tmp_path / "data" / "ingest.json").exists()
+
+
+def test_a_failed_download_is_worth_retrying(tmp_path):
+    """Nothing listens on port 9 here: the connection is refused at once (no network needed)."""
+    res = _ingest_command(tmp_path, source="http://127.0.0.1:9/images.zip", sha256="0" * 64)
+    assert res.returncode == 1 and "ingest failed" in res.stdout + res.stderr
+
+
+@pytest.mark.slow
+def test_a_failed_ingest_under_dvc_leaves_the_previous_snapshot_in_place(tmp_path):
+    """DVC deletes a stage's outputs before its command runs unless they persist: a source that became
+    empty must not cost the last good data/raw (the README's promise; `dvc status` stays clean)."""
+    from project_helpers import VENV_BIN, copy_project, shapes_dataset
+
+    images = shapes_dataset(tmp_path / "images", per_class=4)
+    root, env = copy_project(tmp_path, {"ingest.source": str(images), "ingest.watch": str(images)})
+    env = {**env, "PATH": f"{VENV_BIN}:{env['PATH']}"}  # `dvc` as a user runs it: from the activated venv
+    dvc = [sys.executable, "-m", "dvc"]
+    subprocess.run(dvc + ["repro", "ingest"], cwd=root, env=env, check=True, capture_output=True)
+    before = _snapshot(root / "data" / "raw")
+    record = (root / "data" / "ingest.json").read_text()
+    empty = tmp_path / "empty"
+    (empty / "circle").mkdir(parents=True)  # a folder of class folders with no files in them
+    from tasks.config import write_overrides
+
+    write_overrides(root / "params.yaml", {"ingest.source": str(empty), "ingest.watch": str(empty)})
+    failed = subprocess.run(dvc + ["repro", "ingest"], cwd=root, env=env, capture_output=True, text=True)
+    assert failed.returncode != 0 and "no files found" in " ".join((failed.stdout + failed.stderr).split())
+    assert _snapshot(root / "data" / "raw") == before and (root / "data" / "ingest.json").read_text() == record
+    write_overrides(root / "params.yaml", {"ingest.source": str(images), "ingest.watch": str(images)})
+    status = subprocess.run(dvc + ["status", "ingest"], cwd=root, env=env, capture_output=True, text=True, check=True)
+    assert "up to date" in status.stdout, status.stdout

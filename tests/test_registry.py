@@ -11,15 +11,86 @@ from PIL import Image
 from tasks import registry, tracking
 from tasks.models import build_model, save_model
 from tasks.preprocess import Preprocess
-from tasks.gate import Decision
-from tasks.registry import PromotionConflict, cross_split_duplicates, duplicate_groups, previous_champion
+from tasks.gate import Decision, GateInput, Policy, check_gate_passed, check_gate_record, decide
+from tasks.registry import PromotionConflict, cross_split_duplicates, duplicate_groups, rollback_target
 
 
-def test_previous_champion_walks_the_history_back():
-    history = [{"from": "", "to": "1"}, {"from": "1", "to": "2"}, {"from": "2", "to": "3"}]
-    assert previous_champion(history, "3") == "2"
-    assert previous_champion(history, "1") is None
-    assert previous_champion([], None) is None
+def _moves(*moves: str) -> list[dict[str, str]]:
+    """History entries from "1>2" (a promotion) and "rb 2>1" (a rollback)."""
+    out = []
+    for move in moves:
+        kind, _, path = move.rpartition(" ")
+        frm, to = path.split(">")
+        out.append({"from": frm, "to": to, "reason": "test", "kind": "rollback" if kind == "rb" else "promote"})
+    return out
+
+
+def test_rollback_goes_back_one_move():
+    assert rollback_target(_moves(">1", "1>2"), "2") == "1"
+    assert rollback_target(_moves(">1", "1>2", "2>3"), "3") == "2"
+    assert rollback_target(_moves(">1"), "1") is None  # the first champion: nothing before it
+
+
+def test_a_second_rollback_never_returns_to_what_the_first_undid():
+    """The user's report: v2 forced in over its failed gate, rolled back to v1; a second rollback put v2 back."""
+    assert rollback_target(_moves(">1", "1>2", "rb 2>1"), "1") is None
+    history = _moves(">1", "1>2", "2>3", "rb 3>2")
+    assert rollback_target(history, "2") == "1"
+    assert rollback_target(history + _moves("rb 2>1"), "1") is None
+
+
+def test_rollback_after_promote_rollback_promote_sequences():
+    assert rollback_target(_moves(">1", "1>2", "rb 2>1", "1>3"), "3") == "1"
+    assert rollback_target(_moves(">1", "1>2", "rb 2>1", "1>3", "rb 3>1"), "1") is None
+    history = _moves(">1", "1>2", "2>3", "rb 3>2", "2>4")
+    assert rollback_target(history, "4") == "2"
+    assert rollback_target(history + _moves("rb 4>2"), "2") == "1"
+    # promoting the old champion again by hand is a move like any other: rolling back undoes it
+    assert rollback_target(_moves(">1", "1>2", "rb 2>1", "1>2"), "2") == "1"
+    assert rollback_target(_moves(">1", "1>2", "2>1"), "1") == "2"
+
+
+def test_rollback_with_no_history_or_a_history_that_does_not_end_at_the_champion():
+    assert rollback_target([], None) is None
+    assert rollback_target([], "3") is None
+    assert rollback_target(_moves(">1", "1>2"), None) is None
+    assert rollback_target(_moves(">1", "1>2"), "5") is None  # the alias was moved outside the history
+    # a move from a champion the history never set (moved by hand in MLflow) still says where it came from
+    assert rollback_target(_moves(">1", "7>3"), "3") == "7"
+
+
+def test_rollback_reads_histories_written_before_moves_had_a_kind():
+    old = [{"from": "", "to": "1", "reason": "gate passed (first champion: floors only)"},
+           {"from": "1", "to": "2", "reason": "manual promotion (imgclf promote) FORCED over: ..."},
+           {"from": "2", "to": "1", "reason": "rollback from v2"}]
+    assert rollback_target(old, "1") is None
+    # ... including one where the old rollback had already put v2 back: undoing that is still possible
+    assert rollback_target(old + [{"from": "1", "to": "2", "reason": "rollback from v1"}], "2") == "1"
+
+
+def test_a_rollback_target_must_have_passed_its_gate_and_a_promotion_a_current_one():
+    assert check_gate_passed({"gate": "passed", "gate.compared_with": "1"}) is None
+    assert "'failed': x" in check_gate_passed({"gate": "failed", "gate.reasons": "x"})
+    assert "'missing'" in check_gate_passed({})
+    stale = check_gate_record({"gate": "passed", "gate.compared_with": ""}, champion_now="4")
+    assert "no champion (floors only)" in stale and "now v4" in stale
+    assert "re-run `imgclf run`" not in stale and "never gates an already registered version again" in stale
+
+
+def test_gate_details_are_rounded_and_a_recall_drop_reads_as_an_amount_lost():
+    from tasks.gate import ChampionScore
+
+    def fails(acc: float, recall: dict[str, float]) -> list[str]:
+        inp = GateInput(metrics={"accuracy": acc, "macro_f1": 0.9, "test_hash": "h",
+                                 "per_class": {c: {"recall": r} for c, r in recall.items()}},
+                        candidate_correct=[True] * 9, test_hash_now="h", validation_passed=True, leakage=0,
+                        champion=ChampionScore("3", [True] * 9, {"a": 1.0, "b": 1.0}))
+        return decide(inp, Policy(min_accuracy=0.8, max_class_recall_drop=0.1, bootstrap_samples=100)).reasons
+
+    reasons = fails(7 / 9, {"a": 1.0, "b": 7 / 9})
+    assert "min_accuracy: accuracy 0.7778, below the floor 0.8000" in reasons
+    assert "class_recall_drop: largest recall drop: class 'b' lost 0.2222 (recall 1.0000 -> 0.7778)" in reasons
+    assert not any("0.777777" in r or "+0.2222" in r for r in reasons)
 
 
 def test_tracking_uri_is_made_absolute_against_the_project(tmp_path: Path):
@@ -97,7 +168,7 @@ def test_registration_is_idempotent_and_champion_moves_are_recorded(tmp_path: Pa
     history = registry.alias_history(store, "m")
     assert [(h["from"], h["to"], h["reason"]) for h in history] == [("", "1", "first"), ("1", "2", "better")]
     assert all(h["by"] and h["time"] for h in history)
-    assert previous_champion(history, "2") == "1"
+    assert rollback_target(history, "2") == "1"
 
 
 def test_two_racing_promotions_end_with_exactly_one_winner(tmp_path: Path, store):
@@ -125,6 +196,26 @@ def test_two_racing_promotions_end_with_exactly_one_winner(tmp_path: Path, store
     winner = versions[1 + outcomes.index("promoted")]
     assert str(registry.champion_version(store, "race").version) == winner
     assert len(registry.alias_history(store, "race")) == 2
+
+
+def test_a_rollback_moves_by_compare_and_set_and_is_recorded_as_one(tmp_path: Path, store):
+    assert registry.alias_history(store, "undo") == []  # no registered model yet: no moves, no error
+    store.create_registered_model("undo")
+    for _ in range(3):
+        store.create_model_version("undo", source=str(tmp_path / "model"))
+    registry.promote_if_unchanged(store, "undo", "1", expected=None, reason="first", lock_path=tmp_path / "l")
+    registry.promote_if_unchanged(store, "undo", "2", expected="1", reason="better", lock_path=tmp_path / "l")
+    with pytest.raises(PromotionConflict, match="nothing moved") as info:  # chose its target when v3 was champion
+        registry.promote_if_unchanged(store, "undo", "1", expected="3", reason="rollback from v3",
+                                      lock_path=tmp_path / "l", kind="rollback")
+    assert (info.value.now, info.value.expected) == ("2", "3")
+    assert str(registry.champion_version(store, "undo").version) == "2"
+    registry.promote_if_unchanged(store, "undo", "1", expected="2", reason="rollback from v2",
+                                  lock_path=tmp_path / "l", kind="rollback")
+    history = registry.alias_history(store, "undo")
+    assert [(h["from"], h["to"], h["kind"]) for h in history] == [("", "1", "promote"), ("1", "2", "promote"),
+                                                                  ("2", "1", "rollback")]
+    assert rollback_target(history, "1") is None
 
 
 def test_decision_is_recorded_on_the_run_and_as_version_tags(tmp_path: Path, store):
@@ -173,16 +264,17 @@ def test_served_model_loads_without_pickle_and_predicts_paths_bytes_and_base64(t
 
     run_id, uri = _logged_model(tmp_path, 3)
     assert os.environ["MLFLOW_ALLOW_PICKLE_DESERIALIZATION"] == "false"
-    model = mlflow.pyfunc.load_model(uri)
+    model = mlflow.pyfunc.load_model(uri, model_config={"allow_paths": True})  # paths: in-process only
     img = tmp_path / "x.png"
     Image.new("L", (20, 20), 200).save(img)
     raw = img.read_bytes()
     out = model.predict(pd.DataFrame({"image": [str(img), raw, base64.b64encode(raw).decode()]}))
-    assert list(out.columns) == ["label", "probability", "p_dark", "p_light"]
-    assert len(out) == 3 and out["label"].nunique() == 1
+    assert list(out.columns) == ["label", "probability", "p_dark", "p_light", "error"]
+    assert len(out) == 3 and out["label"].nunique() == 1 and out["error"].isna().all()
     assert out["probability"].between(0.5, 1.0).all()
-    with pytest.raises(ValueError, match="not a readable file path nor base64"):
-        model.predict(pd.DataFrame({"image": ["/no/such/file.png"]}))
+    missing = model.predict(pd.DataFrame({"image": ["/no/such/file.png"]}))
+    assert missing.loc[0, "label"] is None
+    assert missing.loc[0, "error"] == "neither a readable file nor base64 image data"
 
 
 def _gate_project(root: Path, test_rows: list[tuple[str, str, str]]) -> None:

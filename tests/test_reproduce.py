@@ -24,3 +24,25 @@ def test_only_relative_sqlite_stores_count_as_local(tmp_path: Path):
     assert params_tracking_is_local(p)
     p.write_text("register:\n  tracking_uri: http://mlflow:5000\n")
     assert not params_tracking_is_local(p)
+
+
+def test_a_changed_or_missing_pretrained_weights_file_is_named_before_any_rebuild(tmp_path):
+    import yaml
+
+    from tasks.io import sha256_file
+    from tasks.reproduce import changed_weights
+
+    repo_params = yaml.safe_load((Path(__file__).resolve().parent.parent / "params.yaml").read_text())
+    params = tmp_path / "params.yaml"
+    weights = tmp_path / "weights" / "w.safetensors"
+    weights.parent.mkdir()
+    weights.write_bytes(b"weights v1")
+    trained = sha256_file(weights)
+    repo_params["train"]["pretrained"] = "weights/w.safetensors"  # relative: the project's
+    params.write_text(yaml.safe_dump(repo_params))
+    assert changed_weights(params, tmp_path, trained) is None
+    assert changed_weights(params, tmp_path, None) is None  # trained before hashes were recorded
+    weights.write_bytes(b"weights v2")
+    assert f"changed: sha256 {sha256_file(weights)}, trained from {trained}" in changed_weights(params, tmp_path, trained)
+    weights.unlink()
+    assert "is gone" in changed_weights(params, tmp_path, trained)

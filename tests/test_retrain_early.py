@@ -112,6 +112,30 @@ def test_a_failing_early_stage_is_left_to_the_flow(project, monkeypatch):
     assert early.run_early_stages(project, FakeServer(after=10), {}) == {"ingest": ["ingest"]}
 
 
+def test_ingest_is_retried_unless_its_command_says_trying_again_cannot_help():
+    from types import SimpleNamespace
+
+    from dvc.exceptions import ReproductionError
+    from dvc.stage.exceptions import StageCmdFailedError
+
+    from tasks.ingest import NOT_RETRYABLE_EXIT
+
+    def failed(code: int | None) -> SimpleNamespace:
+        try:
+            try:
+                raise StageCmdFailedError("python -m tasks.ingest", code)
+            except StageCmdFailedError as inner:
+                raise ReproductionError("ingest") from inner
+        except ReproductionError as exc:
+            return SimpleNamespace(data=exc)
+
+    assert early.stage_command_exit(failed(NOT_RETRYABLE_EXIT).data) == ("ingest", NOT_RETRYABLE_EXIT)
+    assert not early.worth_retrying(None, None, failed(NOT_RETRYABLE_EXIT))  # a missing or empty source
+    assert early.worth_retrying(None, None, failed(1))  # a download that failed, say
+    assert early.worth_retrying(None, None, SimpleNamespace(data=OSError("mount went away")))
+    assert early.stage_command_exit(RuntimeError("other")) is None
+
+
 def test_nothing_runs_early_while_another_run_holds_the_lock(project, monkeypatch):
     monkeypatch.setattr(early, "run_stage", lambda root, stage: pytest.fail("ran a stage without the lock"))
     with early.run_lock(project, 0):

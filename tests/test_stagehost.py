@@ -202,3 +202,18 @@ def test_each_stage_waits_only_for_the_libraries_it_uses():
         assert stagehost.Host(listener, preload=()).needs("tasks.train") == 0
 
 
+
+
+@pytest.mark.parametrize("module", ["tasks.train", "tasks.split", "tasks.ingest", "tasks.evaluate", "tasks.validate"])
+def test_a_stage_command_describes_itself_and_refuses_arguments_instead_of_running(module, tmp_path):
+    """In a folder with no params.yaml: had the stage run, it would fail reading params (or train)."""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    env.pop("IMGCLF_STAGE_HOST", None)
+    helped = subprocess.run([sys.executable, "-m", module, "--help"], cwd=tmp_path, capture_output=True,
+                            text=True, timeout=120, env=env)
+    assert helped.returncode == 0 and f"python -m {module}" in helped.stdout and "takes no arguments" in helped.stdout
+    assert f"Stage `{module.split('.')[1]}`" in helped.stdout  # the module's own description
+    refused = subprocess.run([sys.executable, "-m", module, "--epochs", "3"], cwd=tmp_path, capture_output=True,
+                             text=True, timeout=120, env=env)
+    assert refused.returncode == 2 and "unrecognized arguments: --epochs 3" in refused.stderr
+    assert list(tmp_path.iterdir()) == []  # nothing ran, nothing written

@@ -179,3 +179,14 @@ def test_sweep_runs_experiments_concurrently_applies_the_best_and_registers_it(t
     assert json.loads((dest / "models/candidate/mlflow.json").read_text())["run_id"] == runs[(2, 4).index(expected_epochs)]
     assert "model version" in res.stdout and "(new)" in res.stdout
     assert json.loads(dvc("status", "--json")) == {}
+
+
+def test_the_summary_says_which_set_overrides_a_winning_candidate_replaced():
+    from tasks.cli import overrides_note
+
+    sweep = {"best": "sweep-x-1", "candidates": [{"name": "sweep-x-0", "overrides": {"train.lr": 0.1}},
+                                                 {"name": "sweep-x-1", "overrides": {"train.epochs": 2}}]}
+    note = overrides_note({"train.epochs": 4, "train.batch_size": 8}, sweep)
+    assert "kept in params.yaml with the sweep's winner" in note and 'own {"train.epochs": 2} replaced' in note
+    assert "replaced" not in overrides_note({"train.batch_size": 8}, sweep)
+    assert overrides_note({"train.epochs": 4}, None).endswith("(params.yaml left as it was)")

@@ -279,3 +279,21 @@ def test_train_stage_core_saves_the_resolved_presets_in_model_json(tmp_path: Pat
     assert rrc["scale"] == [0.3, 1.0] and rrc["size"] == [16, 16]
     assert [op["op"] for op in meta["presets"]["eval"]] == ["Resize", "CenterCrop", "Normalize"]
     assert meta["presets"]["eval"][0]["shorter_side"] == meta["preprocess"]["size"] == 16
+
+
+def test_a_pinned_weights_file_that_changed_stops_training_before_it_starts(tmp_path: Path):
+    """DVC sees train.pretrained's path, not the file: train.pretrained_sha256 pins its bytes."""
+    from tasks.io import sha256_file
+    from tasks.models import weights_file_sha256
+    from tasks.train import train
+
+    weights = tmp_path / "w.pth"
+    torch.save(_model(seed=11).state_dict(), weights)
+    pinned = sha256_file(weights)
+    assert weights_file_sha256(str(weights)) == pinned
+    assert weights_file_sha256("DEFAULT") is None and weights_file_sha256(None) is None
+    torch.save(_model(seed=12).state_dict(), weights)  # the file is replaced under the same name
+    cfg = _cfg(pretrained=str(weights), pretrained_sha256=pinned)
+    with pytest.raises(TrainingError, match=f"its sha256 is {sha256_file(weights)}, not train.pretrained_sha256 {pinned}"):
+        train(cfg, raw_dir=tmp_path / "raw", splits_dir=tmp_path / "splits", dataset_mode="L", out_dir=tmp_path / "out")
+    assert not (tmp_path / "out").exists()
