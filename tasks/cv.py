@@ -110,7 +110,7 @@ def cross_validate(images: "torch.Tensor", targets: "torch.Tensor", classes: lis
     rows: list[dict[str, Any]] = []
     for fold in make_folds(fold_of, labels, seed=cfg.seed, groups=groups, val_fraction=val_fraction):
         seed_everything(cfg.seed + fold.fold)
-        model = build_model(cfg.model, num_classes=len(classes), in_channels=spec.channels)
+        model = build_model(cfg.model, num_classes=len(classes), in_channels=spec.channels, image_size=spec.size)
         pick = lambda idx: (images[idx], targets[idx])  # noqa: E731
         result, best = fit(model, pick(fold.train), pick(fold.val), spec, cfg)
         model.load_state_dict(best)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -109,7 +110,8 @@ def main(overrides: dict[str, Any] | None = None) -> None:
 
     from tasks.config import load_params
     from tasks.models import build_model
-    from tasks.train import MANIFEST, RAW_DIR, SPLITS_DIR, config_from_params, prepare, seed_everything
+    from tasks.train import (MANIFEST, RAW_DIR, SPLITS_DIR, TrainingError, config_from_params, prepare,
+                             seed_everything)
     from tasks.validate import dataset_mode
 
     params = load_params(overrides=overrides)
@@ -117,9 +119,13 @@ def main(overrides: dict[str, Any] | None = None) -> None:
     seed_everything(cfg.seed)
     data = prepare(cfg, raw_dir=RAW_DIR, splits_dir=SPLITS_DIR,
                    dataset_mode=dataset_mode(pd.read_csv(MANIFEST, dtype={"label": str})))
-    model = build_model(cfg.model, num_classes=len(data.classes), in_channels=data.spec.channels,
-                        pretrained=cfg.pretrained)
-    result = lr_find(model, data.train, data.spec, cfg)
+    try:
+        model = build_model(cfg.model, num_classes=len(data.classes), in_channels=data.spec.channels,
+                            pretrained=cfg.pretrained, image_size=data.spec.size)
+        result = lr_find(model, data.train, data.spec, cfg)
+    except (ValueError, FileNotFoundError, TrainingError) as exc:  # the recipe cannot run: say why, no traceback
+        print(f"lr-find failed: {exc}", file=sys.stderr)
+        raise SystemExit(1) from None
     plot(result, PLOT)
     write_json(RESULT, {"suggested_lr": result.suggested_lr, "model": cfg.model, "image_size": cfg.image_size,
                         "batch_size": cfg.batch_size, "optimizer": cfg.optimizer, "lrs": result.lrs,

@@ -38,10 +38,11 @@ def input_mode(model_name: str, dataset_mode: str) -> str:
     return dataset_mode if model_name in SMALL_MODELS else "RGB"
 
 
-def build_model(name: str, *, num_classes: int, in_channels: int = 3,
-                pretrained: str | None = None) -> "nn.Module":
+def build_model(name: str, *, num_classes: int, in_channels: int = 3, pretrained: str | None = None,
+                image_size: int | None = None) -> "nn.Module":
     """A model by name: random init, or `pretrained` (torchvision weights name or local state_dict file)
-    with its classifier head replaced for num_classes."""
+    with its classifier head replaced for num_classes. image_size matters to Vision Transformers only (their
+    position embeddings are sized for it): any multiple of the patch size from scratch, 224 with weights."""
     if name in SMALL_MODELS:
         model = _small_cnn(in_channels, num_classes)
         if pretrained:
@@ -51,13 +52,22 @@ def build_model(name: str, *, num_classes: int, in_channels: int = 3,
 
     if in_channels != 3:
         raise ValueError(f"torchvision model {name!r} expects 3 input channels, got {in_channels}")
+    named_weights = bool(pretrained) and not _is_weights_file(pretrained)
+    sized = {}
+    if image_size and name.startswith("vit_"):
+        if named_weights and image_size != VIT_WEIGHTS_SIZE:
+            raise ValueError(f"{name} with torchvision weights {pretrained!r} takes {VIT_WEIGHTS_SIZE}-pixel images, "
+                             f"but train.image_size is {image_size}")
+        sized = {} if named_weights else {"image_size": image_size}
     try:
-        if pretrained and not _is_weights_file(pretrained):
+        if named_weights:
             # A torchvision weights name (DEFAULT, IMAGENET1K_V1, ...): downloaded once into the torch cache.
             model = torchvision.models.get_model(name, weights=pretrained)
             replace_head(model, num_classes)
             return model
-        model = torchvision.models.get_model(name, weights=None, num_classes=num_classes)
+        model = torchvision.models.get_model(name, weights=None, num_classes=num_classes, **sized)
+    except AssertionError as exc:  # torchvision asserts, e.g. a ViT's image size not a multiple of its patch
+        raise ValueError(f"cannot build {name!r} for {image_size}-pixel images: {exc}") from None
     except ValueError as exc:
         if name not in torchvision.models.list_models():
             raise ValueError(f"unknown model {name!r}: use {', '.join(SMALL_MODELS)} or a torchvision.models name "
@@ -76,6 +86,9 @@ def weights_file_sha256(pretrained: str | None) -> str | None:
     from tasks.io import sha256_file
 
     return sha256_file(Path(pretrained))
+
+
+VIT_WEIGHTS_SIZE = 224  # the image size torchvision's ViT weights were trained at (and fix)
 
 
 def _is_weights_file(pretrained: str) -> bool:
@@ -183,7 +196,8 @@ def load_model(directory: Path, *, device: str = "cpu") -> tuple["nn.Module", di
 
     meta = json.loads((Path(directory) / META_FILE).read_text())
     spec = Preprocess.from_dict(meta["preprocess"])
-    model = build_model(meta["model"], num_classes=len(meta["classes"]), in_channels=spec.channels)
+    model = build_model(meta["model"], num_classes=len(meta["classes"]), in_channels=spec.channels,
+                        image_size=spec.size)
     model.load_state_dict(load_file(str(Path(directory) / WEIGHTS_FILE), device=device))
     model.to(device)
     if channels_last(device):

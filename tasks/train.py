@@ -89,6 +89,11 @@ def resolve_device(preference: str) -> str:
     """cuda, then mps, then cpu, unless one is asked for."""
     import torch
 
+    if preference == "cuda" and not torch.cuda.is_available():
+        raise TrainingError("train.device is cuda but torch sees no CUDA device (torch.cuda.is_available() is "
+                            "False): set train.device: auto (or cpu)")
+    if preference == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise TrainingError("train.device is mps but torch sees no MPS device: set train.device: auto (or cpu)")
     if preference != "auto":
         return preference
     if torch.cuda.is_available():
@@ -746,8 +751,11 @@ def train(cfg: TrainConfig, *, raw_dir: Path, splits_dir: Path, dataset_mode: st
                             "Put the pinned file back, or pin the new one (which retrains)")
     seed_everything(cfg.seed)
     data = prepare(cfg, raw_dir=raw_dir, splits_dir=splits_dir, dataset_mode=dataset_mode)
-    model = build_model(cfg.model, num_classes=len(data.classes), in_channels=data.spec.channels,
-                        pretrained=cfg.pretrained)
+    try:
+        model = build_model(cfg.model, num_classes=len(data.classes), in_channels=data.spec.channels,
+                            pretrained=cfg.pretrained, image_size=data.spec.size)
+    except (ValueError, FileNotFoundError) as exc:  # a model name, weights file or image size that cannot work
+        raise TrainingError(str(exc)) from None
     ckpt = None
     if checkpoint_root is not None:
         ckpt = checkpoint_root / run_key(cfg, splits_dir, raw_dir.parent / "manifest.csv") / "last.pt"
@@ -861,7 +869,12 @@ def main() -> None:
     from tasks.validate import dataset_mode
 
     mode = dataset_mode(pd.read_csv(MANIFEST, dtype={"label": str}))
-    init_distributed(resolve_device(cfg.device))
+    try:
+        device = resolve_device(cfg.device)
+    except TrainingError as exc:  # before MLflow: no run is recorded for a device that is not there
+        console.print(f"[red]training failed:[/] {exc}")
+        raise SystemExit(1) from None
+    init_distributed(device)
     if distributed_rank()[0] != 0:  # torchrun: only rank 0 tracks, checkpoints and saves
         train(cfg, raw_dir=RAW_DIR, splits_dir=SPLITS_DIR, dataset_mode=mode, out_dir=OUT_DIR,
               checkpoint_root=CHECKPOINT_ROOT)

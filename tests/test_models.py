@@ -88,3 +88,15 @@ def test_the_classifier_head_is_found_and_replaced_for_each_family(name, head):
     assert head_name(model) == head
     replace_head(model, 7)
     assert model.get_submodule(head).out_features == 7
+
+
+def test_a_vision_transformer_is_built_for_the_image_size_from_scratch_and_refused_at_another_with_weights():
+    import torch
+
+    vit = build_model("vit_b_32", num_classes=3, image_size=64).eval()
+    with torch.inference_mode():
+        assert vit(torch.zeros(1, 3, 64, 64)).shape == (1, 3)
+    with pytest.raises(ValueError, match="cannot build 'vit_b_32' for 40-pixel images"):
+        build_model("vit_b_32", num_classes=3, image_size=40)  # not a multiple of the 32-pixel patch
+    with pytest.raises(ValueError, match="takes 224-pixel images, but train.image_size is 64"):
+        build_model("vit_b_16", num_classes=3, image_size=64, pretrained="DEFAULT")  # checked before any download

@@ -55,3 +55,9 @@ def test_device_resolution_honours_an_explicit_choice():
     assert resolve_device("cpu") == "cpu"
     assert resolve_device("auto") in {"cpu", "cuda", "mps"}
     assert dataclasses.asdict(_cfg())["device"] == "cpu"
+
+
+def test_an_explicit_device_that_is_not_there_is_a_clear_error(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(TrainingError, match="train.device is cuda but torch sees no CUDA device"):
+        resolve_device("cuda")

@@ -297,3 +297,13 @@ def test_a_pinned_weights_file_that_changed_stops_training_before_it_starts(tmp_
     with pytest.raises(TrainingError, match=f"its sha256 is {sha256_file(weights)}, not train.pretrained_sha256 {pinned}"):
         train(cfg, raw_dir=tmp_path / "raw", splits_dir=tmp_path / "splits", dataset_mode="L", out_dir=tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_a_model_that_cannot_be_built_is_a_training_error_naming_it(tmp_path: Path, image_folder: Path):
+    from tasks.train import train
+
+    splits = alternate_splits(image_folder, tmp_path / "splits")
+    with pytest.raises(TrainingError, match="unknown model 'notamodel'"):
+        train(_cfg(model="notamodel"), raw_dir=image_folder, splits_dir=splits, dataset_mode="L",
+              out_dir=tmp_path / "m")
+    assert not (tmp_path / "m").exists()
