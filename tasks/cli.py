@@ -308,13 +308,12 @@ def history() -> None:
     from tasks import registry
 
     client, params = _client(project_root())
-    table = Table("time", "from", "to", "reason", "by", title=f"{params.register_.model_name}: champion history")
-    try:
-        moves = registry.alias_history(client, params.register_.model_name)
-    except Exception:
-        moves = []
-    for m in moves:
-        table.add_row(m["time"], m["from"] or "-", m["to"], m["reason"], m["by"])
+    table = Table("time", "kind", "from", "to", "reason", "by",
+                  title=f"{params.register_.model_name}: champion history")
+    # (nothing registered yet is an empty history; any other registry error is worth its message)
+    for m in registry.alias_history(client, params.register_.model_name):
+        kind = "rollback" if registry.is_rollback(m) else "promote"
+        table.add_row(m["time"], kind, m["from"] or "-", m["to"], m["reason"], m["by"])
     console.print(table)
 
 

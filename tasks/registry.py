@@ -183,7 +183,8 @@ def gate_pending(version_tags: dict[str, str]) -> bool:
     return "gate" not in version_tags
 
 
-def _is_rollback(move: dict[str, str]) -> bool:
+def is_rollback(move: dict[str, str]) -> bool:
+    """Pure: whether a history entry is a rollback (else a promotion)."""
     if "kind" not in move:  # written before moves had a kind: only the reason says so ("rollback from vN")
         return str(move.get("reason", "")).startswith("rollback")
     return move["kind"] == "rollback"
@@ -200,7 +201,7 @@ def rollback_target(history: list[dict[str, str]], current: str | None) -> str |
         frm, to = str(move.get("from") or ""), str(move.get("to") or "")
         if not to or to == frm:
             continue
-        if _is_rollback(move) and len(stack) >= 2 and stack[-1] == frm and stack[-2] == to:
+        if is_rollback(move) and len(stack) >= 2 and stack[-1] == frm and stack[-2] == to:
             stack.pop()
             continue
         # a promotion (or a rollback the stack cannot explain, e.g. written by an older imgclf: undoable too)

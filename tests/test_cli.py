@@ -1,5 +1,6 @@
 """Every command has --help; bad params give a clear error, not a traceback."""
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -156,6 +157,9 @@ def test_rollback_twice_never_puts_back_the_version_the_first_one_removed(regist
     moves = registry.alias_history(client, "imgclf")
     assert [(m["from"], m["to"], m["kind"]) for m in moves] == [("", "1", "promote"), ("1", "2", "promote"),
                                                                 ("2", "1", "rollback")]
+    code, out = _imgclf("history")
+    kinds = re.findall(r"│ (promote|rollback) +│", out)
+    assert code == 0 and kinds == ["promote", "promote", "rollback"], out
 
 
 def test_rollback_refuses_a_target_whose_gate_failed_unless_forced(registry_project):
