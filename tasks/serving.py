@@ -71,6 +71,16 @@ def _reason(exc: Exception) -> str:
     return text if len(text) <= 200 else text[:197] + "..."
 
 
+def as_frame(model_input) -> pd.DataFrame:
+    """What MLflow hands predict() (a DataFrame from `dataframe_split`; a dict of columns or a list from
+    `inputs`/`instances`) as a DataFrame with one row per image."""
+    if isinstance(model_input, pd.DataFrame):
+        return model_input
+    if isinstance(model_input, dict):
+        return pd.DataFrame({k: list(v) if not isinstance(v, (str, bytes)) else [v] for k, v in model_input.items()})
+    return pd.DataFrame({"image": list(model_input)})
+
+
 class ImageClassifier(PythonModel):
     """Input: a DataFrame with an `image` column (or the first column).
     Output, one row per input row: label, probability, p_<class>..., error (null when the row was scored)."""
@@ -94,7 +104,7 @@ class ImageClassifier(PythonModel):
         from tasks.predict import predict_proba
         from tasks.preprocess import load_tensor
 
-        frame = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame({"image": list(model_input)})
+        frame = as_frame(model_input)
         column = "image" if "image" in frame.columns else frame.columns[0]
         tensors, errors = {}, {}
         for i, value in enumerate(frame[column].tolist()):

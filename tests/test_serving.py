@@ -286,3 +286,16 @@ def test_imgclf_predict_writes_a_row_per_file_with_its_error(logged, tmp_path: P
     res = CliRunner().invoke(app, ["predict", "imgs", "--model", logged, "--out", str(out)])
     assert res.exit_code == 0 and "1 predicted, 0 unreadable" in res.output, res.output
     assert out.read_text().splitlines()[0] == "path,label,probability,p_dark,p_light,error"
+
+
+def test_every_input_shape_mlflow_hands_over_is_one_row_per_image():
+    import numpy as np
+    import pandas as pd
+
+    from tasks.serving import as_frame
+
+    frame = pd.DataFrame({"image": ["a", "b"]})
+    assert as_frame(frame) is frame
+    assert as_frame({"image": np.array(["a", "b"])})["image"].tolist() == ["a", "b"]  # "inputs": {"image": [...]}
+    assert as_frame({"image": "a"})["image"].tolist() == ["a"]
+    assert as_frame(["a", "b", "c"])["image"].tolist() == ["a", "b", "c"]  # "instances": [...]
