@@ -36,15 +36,45 @@ def _quiet_dvc() -> None:
     logging.getLogger("dvc.repo.scm_context").setLevel(logging.WARNING)
 
 
+RESTORED = " (restored from DVC's run-cache)"  # marks a stage DVC brought back instead of running its command
+
+
 def run_stage(root: str, stage: str) -> list[str]:
-    """Reproduce one DVC stage if it is stale; returns the stages that actually ran."""
+    """Reproduce one DVC stage if it is stale; returns the stages that DVC ran or restored from its run-cache
+    (those marked with RESTORED: their command did not run)."""
+    import logging
+
     from dvc.repo import Repo
 
     _stage_env()
     _quiet_dvc()
-    with Repo(root) as repo:
-        ran = repo.reproduce(stage, single_item=True)
-    return [s.addressing for s in ran]
+    restored: set[str] = set()
+
+    def note(record: logging.LogRecord) -> None:
+        if restored_from_cache(record):
+            restored.add(str(record.args[0]))
+
+    handler = logging.Handler()
+    handler.emit = note  # type: ignore[method-assign]
+    logging.getLogger("dvc").addHandler(handler)
+    try:
+        with Repo(root) as repo:
+            ran = repo.reproduce(stage, single_item=True)
+    finally:
+        logging.getLogger("dvc").removeHandler(handler)
+    return [s.addressing + (RESTORED if s.addressing in restored else "") for s in ran]
+
+
+def restored_from_cache(record: Any) -> bool:
+    """A DVC log record saying it restores a stage's outputs from its run-cache instead of running it."""
+    return record.msg == "Stage '%s' is cached - skipping run, checking out outputs" and bool(record.args)
+
+
+def stage_outcome(did: list[str]) -> str:
+    """Pure: how the run log describes what DVC did with a stage (run_stage's list for it)."""
+    if not did:
+        return "up to date"
+    return "restored from DVC's run-cache" if all(d.endswith(RESTORED) for d in did) else "ran"
 
 
 def stage_command_exit(exc: BaseException | None) -> tuple[str, int] | None:

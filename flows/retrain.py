@@ -14,7 +14,7 @@ from prefect import flow, get_run_logger, task
 
 import tasks  # noqa: F401  (telemetry off)
 from flows.early import (RunFailed, WhileStageRuns, _quiet_dvc, _stage_env, host_started_by_dvc, import_mlflow,
-                         overridden, run_lock, run_stage, worth_retrying)
+                         overridden, run_lock, run_stage, stage_outcome, worth_retrying)
 from tasks.config import load_params, project_root, source_overrides, write_resolved
 from tasks.stagehost import serving, start_current
 
@@ -280,7 +280,7 @@ def retrain(overrides: dict[str, Any] | None = None, source: str | None = None, 
                                       retries=2 if stage == "ingest" else 0, retry_delay_seconds=10,
                                       retry_condition_fn=worth_retrying)
                     did = stage_task(str(root), stage)
-                logger.info("%s: %s", stage, ("ran" if did else "up to date")
+                logger.info("%s: %s", stage, stage_outcome(did)
                             + (" (through DVC while Prefect started)" if stage in early else ""))
                 ran += did
         finally:

@@ -136,6 +136,35 @@ def test_ingest_is_retried_unless_its_command_says_trying_again_cannot_help():
     assert early.stage_command_exit(RuntimeError("other")) is None
 
 
+def test_a_stage_dvc_restores_from_its_run_cache_is_reported_as_restored_not_ran(tmp_path, monkeypatch):
+    """A real DVC project: a stage runs, its param changes (runs again), then changes back (restored)."""
+    import subprocess
+    import sys
+
+    env = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("DVC_SITE_CACHE_DIR", str(tmp_path / "dvc-site"))
+    root = tmp_path / "p"
+    root.mkdir()
+    (root / "params.yaml").write_text("n: 1\n")
+    (root / "make.py").write_text("import yaml\nopen('out.txt', 'w').write(str(yaml.safe_load(open('params.yaml'))['n']))\n")
+    (root / "dvc.yaml").write_text("stages:\n  make:\n    cmd: python make.py\n    deps: [make.py]\n"
+                                   "    params: [n]\n    outs: [out.txt]\n")
+    subprocess.run(["git", "init", "-q"], cwd=root, check=True)
+    subprocess.run([sys.executable, "-m", "dvc", "init", "-q"], cwd=root, check=True)
+    monkeypatch.chdir(root)  # (as in a run: DVC resolves the stage name against the working folder)
+    outcomes = []
+    for n in (1, 2, 1):
+        (root / "params.yaml").write_text(f"n: {n}\n")
+        did = early.run_stage(str(root), "make")
+        outcomes.append(early.stage_outcome(did))
+        assert (root / "out.txt").read_text() == str(n)
+    assert outcomes == ["ran", "ran", "restored from DVC's run-cache"]
+    assert early.stage_outcome(early.run_stage(str(root), "make")) == "up to date"
+    assert early.stage_outcome(["train", "evaluate" + early.RESTORED]) == "ran"  # one of them really ran
+
+
 def test_nothing_runs_early_while_another_run_holds_the_lock(project, monkeypatch):
     monkeypatch.setattr(early, "run_stage", lambda root, stage: pytest.fail("ran a stage without the lock"))
     with early.run_lock(project, 0):
