@@ -109,10 +109,20 @@ def load_pyfunc(model_uri: str, *, allow_paths: bool = False) -> Any:
     {"allow_paths": True}): for in-process callers naming their own files, never for a model that serves
     clients. Versions logged before the option existed read paths anyway; MLflow ignores the key for them
     (with a warning) and loads them as before."""
+    import logging
+
     import mlflow
 
-    with requirements_checked_by_version():
-        return mlflow.pyfunc.load_model(model_uri, model_config={"allow_paths": True} if allow_paths else None)
+    def not_the_old_versions_notice(record: logging.LogRecord) -> bool:  # (they read paths without being asked)
+        return not str(record.msg).startswith("Argument(s) allow_paths were ignored")
+
+    pyfunc_log = logging.getLogger("mlflow.pyfunc")
+    pyfunc_log.addFilter(not_the_old_versions_notice)
+    try:
+        with requirements_checked_by_version():
+            return mlflow.pyfunc.load_model(model_uri, model_config={"allow_paths": True} if allow_paths else None)
+    finally:
+        pyfunc_log.removeFilter(not_the_old_versions_notice)
 
 
 def log_serving_model(model_dir: Path) -> str:

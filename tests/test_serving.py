@@ -299,3 +299,34 @@ def test_every_input_shape_mlflow_hands_over_is_one_row_per_image():
     assert as_frame({"image": np.array(["a", "b"])})["image"].tolist() == ["a", "b"]  # "inputs": {"image": [...]}
     assert as_frame({"image": "a"})["image"].tolist() == ["a"]
     assert as_frame(["a", "b", "c"])["image"].tolist() == ["a", "b", "c"]  # "instances": [...]
+
+
+def test_a_version_logged_before_allow_paths_loads_without_mlflows_ignored_key_notice(tmp_path: Path, monkeypatch):
+    """Older versions declare no model_config: MLflow warns that allow_paths was ignored on every load (the
+    gate re-scores the champion with it); load_pyfunc keeps that notice out of the run's log."""
+    import logging
+
+    import mlflow
+
+    real = mlflow.pyfunc.log_model
+    monkeypatch.setattr(mlflow.pyfunc, "log_model",
+                        lambda **kw: real(**{k: v for k, v in kw.items() if k != "model_config"}))
+    monkeypatch.setenv("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", "false")
+    tracking.configure("sqlite:///mlflow.db", "serving-test", tmp_path)
+    save_model(tmp_path / "model", build_model("smallcnn", num_classes=2, in_channels=1), name="smallcnn",
+               classes=["dark", "light"], preprocess=Preprocess.for_mode("L", 16))
+    with mlflow.start_run():
+        uri = tracking.log_serving_model(tmp_path / "model")
+    seen: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append(record.getMessage())  # type: ignore[method-assign]
+    logging.getLogger("mlflow.pyfunc").addHandler(handler)
+    try:
+        mlflow.pyfunc.load_model(uri, model_config={"allow_paths": True})
+        assert any("allow_paths were ignored" in m for m in seen)  # what MLflow says on its own
+        seen.clear()
+        assert tracking.load_pyfunc(uri, allow_paths=True) is not None
+        assert not any("allow_paths were ignored" in m for m in seen)
+    finally:
+        logging.getLogger("mlflow.pyfunc").removeHandler(handler)
+        mlflow.set_tracking_uri(None)
