@@ -109,17 +109,14 @@ def run(
 
 def failure_hint(exc: BaseException) -> str:
     """Pure: where to look when a stage's command failed (its own message is above, among the flow's logs)."""
-    import re
+    from flows.early import stage_command_exit
 
-    seen: BaseException | None = exc
-    while seen is not None:
-        found = re.search(r"failed to run: python -m tasks\.(\w+), exited with (-?\d+)", str(seen))
-        if found:
-            stage, code = found.groups()
-            return (f" (the {stage} stage's command exited with {code}; its own message, starting "
-                    f"\"{stage} failed\" or \"{stage}:\", is printed above the flow's log lines)")
-        seen = seen.__cause__ or seen.__context__
-    return ""
+    failed = stage_command_exit(exc)
+    if failed is None:
+        return ""
+    stage, code = failed
+    return (f" (the {stage} stage's command exited with {code}; its own message, starting "
+            f"\"{stage} failed\" or \"{stage}:\", is printed above the flow's log lines)")
 
 
 def overrides_note(overrides: dict, sweep: dict | None) -> str:
