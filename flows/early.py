@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import sys
 import threading
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -194,22 +194,45 @@ class RunBusy(RuntimeError):
     """Another run holds the project's run lock."""
 
 
+_HELD: dict[str, int] = {}  # run-lock paths this process holds, and how deeply (run_lock is re-entrant)
+_HELD_GUARD = threading.Lock()
+
+
 @contextmanager
 def run_lock(root: Path, wait_s: float) -> Iterator[None]:
-    """One run at a time per project: a second run waits up to wait_s, then exits with a clear message."""
+    """One run at a time per project: a second run waits up to wait_s, then exits with a clear message.
+
+    Re-entrant within a process: `imgclf run` takes it before its early stages and keeps it until its flow
+    (which takes it again) has ended, so no other run can start in between."""
     from filelock import FileLock, Timeout
 
     path = root / ".imgclf" / "run.lock"
     path.parent.mkdir(parents=True, exist_ok=True)
+    key = str(path.resolve())
+    with _HELD_GUARD:
+        nested = key in _HELD
+        if nested:
+            _HELD[key] += 1
+    if nested:
+        try:
+            yield
+        finally:
+            with _HELD_GUARD:
+                _HELD[key] -= 1
+        return
     lock = FileLock(str(path))
     try:
         lock.acquire(timeout=wait_s)
     except Timeout:
         raise RunBusy(f"another imgclf run is in progress in {root} (it holds {path}); not started. "
                       "Set schedule.wait_for_lock_s to wait instead.") from None
+    with _HELD_GUARD:
+        _HELD[key] = 1
     try:
         yield
     finally:
+        with _HELD_GUARD:
+            del _HELD[key]
         lock.release()
 
 
@@ -258,7 +281,6 @@ def run_early_stages(root: Path, server: "PrefectStart", overrides: dict[str, An
     """While the server starts: hold the run lock, apply the overrides and run EARLY_STAGES through DVC,
     stopping once the server is up or at the first stage that fails (the flow runs that one as a task, with
     its retries, logs and failure hooks). Nothing runs when another run holds the lock."""
-    from contextlib import ExitStack
 
     done: dict[str, list[str]] = {}
     with ExitStack() as stack:
@@ -313,12 +335,17 @@ def run_retrain(*, overrides: dict[str, Any] | None = None, allow_promotion: boo
     # a server the user configured (not this process's own temporary one): the flow runs every stage itself
     configured_server = bool(os.environ.get("PREFECT_API_URL")) and not started_here()
     # stage commands run in warm, preloaded processes (tasks/stagehost.py), once one has to run
-    with serving(root, start=False) as host, host_started_by_dvc(host):
+    with ExitStack() as held, serving(root, start=False) as host, host_started_by_dvc(host):
         prefect = PrefectStart()
         early: dict[str, list[str]] = {}
         try:
             if not configured_server:
-                early = run_early_stages(root, prefect, overrides or {})
+                try:  # held until the flow has ended: no other run may start between the early stages and it
+                    held.enter_context(run_lock(root, 0))
+                except RunBusy:
+                    pass  # the flow waits for the lock (schedule.wait_for_lock_s) or refuses, and reports it
+                else:
+                    early = run_early_stages(root, prefect, overrides or {})
             if not any(early.values()):  # nothing ran yet (maybe nothing will): register comes soon and needs
                 threading.Thread(target=import_mlflow, name="import-mlflow", daemon=True).start()  # MLflow
         finally:

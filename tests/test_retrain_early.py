@@ -43,6 +43,19 @@ class Opened:
 REPO = Path(__file__).resolve().parent.parent
 
 
+def held_elsewhere(root: Path) -> bool:
+    """Whether another holder (this process's run_lock is re-entrant, so: a lock of its own) would be refused."""
+    from filelock import FileLock, Timeout
+
+    other = FileLock(str(root / ".imgclf" / "run.lock"))
+    try:
+        other.acquire(timeout=0)
+    except Timeout:
+        return True
+    other.release()
+    return False
+
+
 @pytest.fixture
 def project(tmp_path: Path) -> Path:
     (tmp_path / "params.yaml").write_text((REPO / "params.yaml").read_text())
@@ -55,9 +68,7 @@ def test_early_stages_run_under_the_lock_and_overrides_until_the_server_is_up(pr
     monkeypatch.setattr(early, "open_mlflow_store", lambda root: Opened())
 
     def fake_stage(root: str, stage: str) -> list[str]:
-        with pytest.raises(early.RunBusy):  # the lock is held while a stage runs early
-            with early.run_lock(Path(root), 0):
-                pass
+        assert held_elsewhere(Path(root))  # the lock is held while a stage runs early
         seen.append((stage, (Path(root) / "params.yaml").read_text()))
         return [stage] if stage != "validate" else []
 
@@ -66,8 +77,7 @@ def test_early_stages_run_under_the_lock_and_overrides_until_the_server_is_up(pr
     assert done == {"ingest": ["ingest"], "validate": []}  # the server was up before split
     assert [s for s, _ in seen] == ["ingest", "validate"] and all("\n  epochs: 3\n" in p for _, p in seen)
     assert (project / "params.yaml").read_text() == (REPO / "params.yaml").read_text()  # put back for the flow
-    with early.run_lock(project, 0):  # and released
-        pass
+    assert not held_elsewhere(project)  # and released
 
 
 @pytest.mark.parametrize("runs", [True, False])
@@ -166,8 +176,11 @@ def test_a_stage_dvc_restores_from_its_run_cache_is_reported_as_restored_not_ran
 
 
 def test_nothing_runs_early_while_another_run_holds_the_lock(project, monkeypatch):
+    from filelock import FileLock
+
     monkeypatch.setattr(early, "run_stage", lambda root, stage: pytest.fail("ran a stage without the lock"))
-    with early.run_lock(project, 0):
+    (project / ".imgclf").mkdir()
+    with FileLock(str(project / ".imgclf" / "run.lock")):  # another run's
         assert early.run_early_stages(project, FakeServer(after=10), {}) == {}
 
 
@@ -181,7 +194,7 @@ class FakeFlow:
         return self
 
     def __call__(self, **kwargs: Any) -> dict[str, Any]:
-        self.calls.append(kwargs)
+        self.calls.append({**kwargs, "lock_held": held_elsewhere(Path(kwargs["project_dir"]))})
         return {"ok": True}
 
 
@@ -206,8 +219,11 @@ def test_run_retrain_starts_early_unless_a_server_is_configured(project, monkeyp
     assert call["overrides"] == {"train.epochs": 3} and call["project_dir"] == str(project)
     if api_url:
         assert "ran_early" not in call and server.checks == 0
+        assert not call["lock_held"]  # the flow takes it itself
     else:
         assert call["ran_early"] == {"ingest": ["ingest"]}
+        assert call["lock_held"]  # from before the early stages until the flow is done: no run can slip in
+    assert not held_elsewhere(project)
 
 
 def test_a_run_after_one_that_started_the_server_still_runs_stages_early(project, monkeypatch, request):

@@ -65,9 +65,21 @@ def test_notify_without_url_or_with_a_dead_url_logs_and_never_raises(caplog):
 
 
 def test_a_second_run_does_not_start_while_one_holds_the_lock(tmp_path: Path):
-    with run_lock(tmp_path, 0):
+    import subprocess
+    import sys
+
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from filelock import FileLock; "
+                               f"l = FileLock({str(tmp_path / '.imgclf' / 'run.lock')!r}); "
+                               "(tmp := __import__('pathlib').Path(l.lock_file).parent).mkdir(exist_ok=True); "
+                               "l.acquire(); print('held', flush=True); sys.stdin.read()"],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"  # another process's run
         with pytest.raises(RunBusy, match="another imgclf run is in progress"):
             with run_lock(tmp_path, 0.2):
                 pass
+    finally:
+        holder.communicate("", timeout=30)
     with run_lock(tmp_path, 0):  # released afterwards
-        pass
+        with run_lock(tmp_path, 0):  # and re-entrant within one process (imgclf run: early stages, then the flow)
+            pass
