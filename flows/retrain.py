@@ -196,13 +196,20 @@ def _read(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text()) if path.exists() else {}
 
 
+def run_overrides(source: str | None, overrides: dict[str, Any] | None) -> dict[str, Any]:
+    """Pure: the params overrides of one run: its `source` (and what DVC watches for it), then `overrides`."""
+    return {**(source_overrides(source) if source else {}), **(overrides or {})}
+
+
 def _notify_failure(flow, flow_run, state) -> None:
     """Flow hook: tell someone a run failed (webhook from params, else the log)."""
     from tasks.summary import notify
 
     try:
         root = project_root(Path(flow_run.parameters.get("project_dir") or "."))
-        url = load_params(root / "params.yaml").schedule.webhook_url
+        # with the run's overrides: params.yaml has been put back by now, and the webhook may be one of them
+        overrides = run_overrides(flow_run.parameters.get("source"), flow_run.parameters.get("overrides"))
+        url = load_params(root / "params.yaml", overrides).schedule.webhook_url
     except Exception:
         url = None
     notify("failed", {"flow_run": flow_run.name, "state": state.name, "message": str(state.message)[:2000]},
@@ -254,7 +261,7 @@ def retrain(overrides: dict[str, Any] | None = None, source: str | None = None, 
     (the stages after them check their own dependencies, so the run stays consistent with dvc.lock)."""
     logger = get_run_logger()
     root = project_root(Path(project_dir) if project_dir else None)
-    overrides = {**(source_overrides(source) if source else {}), **(overrides or {})}
+    overrides = run_overrides(source, overrides)
     started = time.time()
     wait_s = load_params(root / "params.yaml").schedule.wait_for_lock_s
     with run_lock(root, wait_s), overridden(root / "params.yaml", overrides) as params_state, \

@@ -115,8 +115,9 @@ def failure_hint(exc: BaseException) -> str:
     if failed is None:
         return ""
     stage, code = failed
-    return (f" (the {stage} stage's command exited with {code}; its own message, starting "
-            f"\"{stage} failed\" or \"{stage}:\", is printed above the flow's log lines)")
+    said = {"train": "training failed", "validate": "Data contract FAILED"}.get(stage, f"{stage} failed")
+    return (f" (the {stage} stage's command exited with {code}; its own message, starting \"{said}\", is "
+            "printed above the flow's log lines)")
 
 
 def overrides_note(overrides: dict, sweep: dict | None) -> str:

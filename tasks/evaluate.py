@@ -71,6 +71,10 @@ class Outputs:
         return self.reports / "plots"
 
 
+class EvaluationError(ValueError):
+    """The evaluation cannot run as configured (or on these splits); the message names the setting or file."""
+
+
 @dataclass(frozen=True)
 class EvalConfig:
     """The evaluate section of params.yaml (plus the seed), as plain typed values."""
@@ -231,7 +235,7 @@ def slice_metrics(predictions: "pd.DataFrame", attributes: "pd.DataFrame",
 
     missing = [c for c in columns if c not in attributes.columns]
     if missing:
-        raise ValueError(f"evaluate.slices names attributes the manifest does not have: {missing} "
+        raise EvaluationError(f"evaluate.slices names attributes the manifest does not have: {missing} "
                          f"(available: {sorted(attributes.columns)})")
     joined = predictions.merge(attributes[["path", *columns]], on="path", how="left")
     correct = (joined["label"] == joined["prediction"]).to_numpy()
@@ -303,7 +307,7 @@ def evaluate(model_dir: Path, test_csv: Path, raw_dir: Path, *, batch_size: int 
     frame = pd.read_csv(test_csv, dtype={"label": str})
     unknown = sorted(set(frame["label"]) - set(classes))
     if unknown:
-        raise ValueError(f"{test_csv}: test labels the model was not trained on: {unknown}")
+        raise EvaluationError(f"{test_csv}: test labels the model was not trained on: {unknown}")
     images, targets = load_split(frame, raw_dir, spec, class_index)
     logits = predict_logits(model, images, spec, batch_size=batch_size)
     probs = torch.softmax(logits, dim=1)
@@ -508,13 +512,16 @@ def run(cfg: EvalConfig, *, model_dir: Path, splits_dir: Path, raw_dir: Path, ma
     from tasks.report import render_report
 
     if cfg.cv_folds and train_cfg is None:
-        raise ValueError("evaluate.cv_folds needs the training recipe (train params)")
+        raise EvaluationError("evaluate.cv_folds needs the training recipe (train params)")
     manifest = (pd.read_csv(manifest_path, dtype={"label": str}) if manifest_path and manifest_path.is_file()
                 else None)
     if cfg.slices and manifest is None:
-        raise ValueError(f"evaluate.slices needs the manifest ({manifest_path}); or set evaluate.slices: []")
+        raise EvaluationError(f"evaluate.slices needs the manifest ({manifest_path}); or set evaluate.slices: []")
     # before anything slow: a cv_group_column that names no groups is an error, not a silently ungrouped CV
-    pool, groups = cv_pool(cfg, splits_dir=splits_dir, manifest=manifest) if cfg.cv_folds else (None, None)
+    try:
+        pool, groups = cv_pool(cfg, splits_dir=splits_dir, manifest=manifest) if cfg.cv_folds else (None, None)
+    except ValueError as exc:  # evaluate.cv_group_column names groups that exist nowhere
+        raise EvaluationError(str(exc)) from None
     result = evaluate(model_dir, splits_dir / "test.csv", raw_dir, batch_size=cfg.batch_size,
                       val_csv=splits_dir / "val.csv", temperature_scaling=cfg.temperature_scaling,
                       calibration_bins=cfg.calibration_bins, bootstrap_samples=cfg.bootstrap_samples, seed=cfg.seed)
@@ -612,10 +619,14 @@ def main() -> None:
     # Importing mlflow and opening its store takes seconds of Python: done in a thread while the images are
     # decoded and scored (both release the GIL), and finished before anything is timed.
     mlflow_ready = tracking.Background(tracking.configure, params.register_.tracking_uri, params.register_.experiment)
-    metrics = run(config_from_params(params), model_dir=MODEL_DIR, splits_dir=SPLITS_DIR, raw_dir=RAW_DIR,
-                  manifest_path=MANIFEST, out=out, train_cfg=train_config(params),
-                  title=f"{params.register_.model_name} candidate, MLflow run {run_info['run_id']}",
-                  log=lambda msg: console.print(msg), before_timing=mlflow_ready.result)
+    try:
+        metrics = run(config_from_params(params), model_dir=MODEL_DIR, splits_dir=SPLITS_DIR, raw_dir=RAW_DIR,
+                      manifest_path=MANIFEST, out=out, train_cfg=train_config(params),
+                      title=f"{params.register_.model_name} candidate, MLflow run {run_info['run_id']}",
+                      log=lambda msg: console.print(msg), before_timing=mlflow_ready.result)
+    except EvaluationError as exc:
+        console.print(f"[red]evaluate failed:[/] {exc}")
+        raise SystemExit(1) from None
     log_to_mlflow(run_info["run_id"], metrics, out)
     onnx = metrics["onnx"]
     console.print(

@@ -80,14 +80,19 @@ def test_a_failed_stage_points_at_its_own_message():
 
     from tasks.cli import failure_hint
 
-    try:
+    def failed(stage: str) -> ReproductionError:
         try:
-            raise StageCmdFailedError("python -m tasks.split", 1)
-        except StageCmdFailedError as inner:
-            raise ReproductionError("split") from inner
-    except ReproductionError as exc:
-        hint = failure_hint(exc)
+            try:
+                raise StageCmdFailedError(f"python -m tasks.{stage}", 1)
+            except StageCmdFailedError as inner:
+                raise ReproductionError(stage) from inner
+        except ReproductionError as exc:
+            return exc
+
+    hint = failure_hint(failed("split"))
     assert "the split stage's command exited with 1" in hint and '"split failed"' in hint
+    assert '"training failed"' in failure_hint(failed("train"))  # what each stage really prints
+    assert '"Data contract FAILED"' in failure_hint(failed("validate"))
     assert failure_hint(RuntimeError("gate crashed")) == ""
 
 

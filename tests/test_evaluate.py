@@ -461,7 +461,9 @@ def test_a_group_column_found_nowhere_stops_the_run_before_any_work(tmp_path: Pa
     _with_split_groups(p)
     monkeypatch.setattr(ev, "evaluate", lambda *a, **k: pytest.fail("evaluated before checking the groups"))
     out = Outputs(reports=tmp_path / "reports", onnx_dir=tmp_path / "onnx")
-    with pytest.raises(ValueError, match="cv_group_column='source_id'.*manifest.*groups.csv.*null"):
+    from tasks.evaluate import EvaluationError
+
+    with pytest.raises(EvaluationError, match="cv_group_column='source_id'.*manifest.*groups.csv.*null"):
         run(EvalConfig(cv_folds=2, slices=(), cv_group_column="source_id"), model_dir=p["model"],
             splits_dir=p["splits"], raw_dir=p["raw"], manifest_path=p["manifest"], out=out, train_cfg=object(),
             log=lambda _: None)

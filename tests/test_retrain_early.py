@@ -341,3 +341,19 @@ def test_the_stage_host_starts_when_dvc_runs_a_stage_command():
     assert host.starts == 1  # the run is over
     with early.host_started_by_dvc(None):  # warm stages off
         dvc_log.info("Running stage '%s':", "train")
+
+
+def test_the_failure_notice_goes_to_a_webhook_given_as_an_override(project, monkeypatch):
+    """params.yaml is put back before the flow's failure hook runs: the hook applies the run's overrides."""
+    from types import SimpleNamespace
+
+    import tasks.summary
+
+    sent: list[tuple[str, str | None]] = []
+    monkeypatch.setattr(tasks.summary, "notify", lambda event, payload, url=None: sent.append((event, url)))
+    run = SimpleNamespace(name="r", parameters={"project_dir": str(project), "source": None,
+                                                "overrides": {"schedule.webhook_url": "http://127.0.0.1:9/hook"}})
+    rt._notify_failure(None, run, SimpleNamespace(name="Failed", message="boom"))
+    assert sent == [("failed", "http://127.0.0.1:9/hook")]
+    assert rt.run_overrides("/data/x.csv", {"train.epochs": 2}) == {
+        "ingest.source": "/data/x.csv", "ingest.watch": "/data", "train.epochs": 2}
