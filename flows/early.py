@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import sys
 import threading
+import time
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -331,6 +332,7 @@ def run_retrain(*, overrides: dict[str, Any] | None = None, allow_promotion: boo
 
     from flows.temporary_server import flow_settings, started_here
 
+    started_at = time.time()  # the run's "took" counts the early stages and Prefect's start too
     root = project_root(Path(project_dir) if project_dir else None)
     # a server the user configured (not this process's own temporary one): the flow runs every stage itself
     configured_server = bool(os.environ.get("PREFECT_API_URL")) and not started_here()
@@ -355,6 +357,6 @@ def run_retrain(*, overrides: dict[str, Any] | None = None, allow_promotion: boo
 
         flow_fn = retrain.with_options(task_runner=resolve_task_runner(task_runner, max_parallel))
         kwargs: dict[str, Any] = dict(overrides=overrides, allow_promotion=allow_promotion,
-                                      project_dir=project_dir, sweep=sweep)
+                                      project_dir=project_dir, sweep=sweep, started_at=started_at)
         with flow_settings():
             return flow_fn(**kwargs, **({"ran_early": early} if early else {}))

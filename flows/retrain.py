@@ -251,7 +251,7 @@ def temporary_api() -> bool:
 @flow(name="retrain", log_prints=True, on_failure=[_notify_failure], on_crashed=[_notify_failure])
 def retrain(overrides: dict[str, Any] | None = None, source: str | None = None, allow_promotion: bool = True,
             project_dir: str | None = None, sweep: list[dict[str, Any]] | None = None,
-            ran_early: dict[str, list[str]] | None = None) -> dict[str, Any]:
+            ran_early: dict[str, list[str]] | None = None, started_at: float | None = None) -> dict[str, Any]:
     """Ingest -> validate -> split -> train -> evaluate (through DVC), then register and promote.
 
     With `sweep` (a list of override dicts), train+evaluate run once per candidate as DVC experiments
@@ -262,7 +262,7 @@ def retrain(overrides: dict[str, Any] | None = None, source: str | None = None, 
     logger = get_run_logger()
     root = project_root(Path(project_dir) if project_dir else None)
     overrides = run_overrides(source, overrides)
-    started = time.time()
+    started = started_at or time.time()  # (imgclf run: when it began, before its early stages and Prefect's start)
     wait_s = load_params(root / "params.yaml").schedule.wait_for_lock_s
     with run_lock(root, wait_s), overridden(root / "params.yaml", overrides) as params_state, \
             serving(root, start=False) as host, host_started_by_dvc(host):

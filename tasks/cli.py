@@ -14,7 +14,8 @@ from rich.console import Console
 from rich.table import Table
 
 import tasks  # noqa: F401  (telemetry off)
-from tasks.config import (NotInProject, ParamsError, load_params, missing_source, parse_overrides, source_overrides)
+from tasks.config import (NotInProject, ParamsError, load_params, missing_source, parse_overrides, source_from,
+                          source_overrides)
 from tasks.config import project_root as find_project_root
 
 app = typer.Typer(help="imgclf: image classification pipeline (Prefect + DVC + Great Expectations + torch + MLflow).",
@@ -65,8 +66,8 @@ def run(
     root = project_root()
     try:
         overrides = parse_overrides(set_ or [])
-        if source:
-            overrides = {**source_overrides(source), **overrides}
+        if source:  # (a path as the user typed it, from where they are)
+            overrides = {**source_overrides(source_from(source, cwd=Path.cwd(), root=root)), **overrides}
         params = load_params(root / "params.yaml", overrides)
         if problem := missing_source(params.ingest.source, root):
             raise ParamsError(problem)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -57,6 +58,11 @@ class IngestParams(_Section):
         if is_url(self.source) and not self.sha256:
             raise ValueError(f"ingest.sha256 is required for the URL source {self.source!r}")
         if not self.source.startswith("sample:") and not is_url(self.source):
+            if "~" in Path(self.watch).parts[:1]:
+                raise ValueError(f"ingest.watch ({self.watch!r}): DVC does not expand ~; write the full path")
+            if Path(self.watch) == Path("."):
+                raise ValueError("ingest.watch is the project folder itself: DVC cannot watch the folder its own "
+                                 "outputs live in. Put the images (and a CSV manifest) in a folder of their own")
             src, watch = Path(self.source), Path(self.watch)
             if src.suffix.lower() == ".csv":
                 # a CSV lists images beside it: watching the CSV alone would miss a changed image
@@ -257,6 +263,20 @@ class ParamsError(ValueError):
 
 class NotInProject(ParamsError):
     """A command was run outside any imgclf project folder."""
+
+
+def source_from(source: str, *, cwd: Path, root: Path) -> str:
+    """Pure: a source typed on the command line, as params.yaml should hold it. A local path is the user's
+    (relative to where they typed it, ~ expanded), stored relative to the project when inside it (the stage
+    runs there), else absolute; sample: and URL sources are left as they are."""
+    if source.startswith("sample:") or is_url(source):
+        return source
+    path = Path(os.path.expanduser(source))
+    path = Path(os.path.normpath(path if path.is_absolute() else cwd / path))
+    try:
+        return path.relative_to(root).as_posix()
+    except ValueError:
+        return str(path)
 
 
 def source_overrides(source: str) -> dict[str, str]:

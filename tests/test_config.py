@@ -347,3 +347,23 @@ def test_pretrained_sha256_needs_a_weights_file_to_pin(params_copy):
     with pytest.raises(ParamsError, match="train.pretrained_sha256 pins a local weights file"):
         load_params(params_copy, {"train.pretrained_sha256": "a" * 64})
     assert load_params(params_copy, {"train.pretrained": "w.pth", "train.pretrained_sha256": "a" * 64})
+
+
+def test_a_source_typed_on_the_command_line_is_the_users_path_from_where_they_typed_it(tmp_path):
+    from tasks.config import source_from
+
+    root = tmp_path / "proj"
+    (root / "reports").mkdir(parents=True)
+    assert source_from("../../data/shapes", cwd=root / "reports", root=root) == str(tmp_path / "data" / "shapes")
+    assert source_from("../images", cwd=root / "reports", root=root) == "images"  # inside: the project's
+    assert source_from("images/labels.csv", cwd=root, root=root) == "images/labels.csv"
+    assert source_from("~/pics", cwd=root, root=root) == str(Path.home() / "pics")
+    assert source_from("sample:digits", cwd=root / "reports", root=root) == "sample:digits"
+    assert source_from("https://x.org/a.zip", cwd=root, root=root) == "https://x.org/a.zip"
+
+
+def test_a_watch_dvc_cannot_follow_is_refused_with_the_fix(params_copy):
+    with pytest.raises(ParamsError, match="DVC does not expand ~"):
+        load_params(params_copy, {"ingest.source": "~/pics", "ingest.watch": "~/pics"})
+    with pytest.raises(ParamsError, match="in a folder of their own"):  # a CSV manifest at the project root
+        load_params(params_copy, {"ingest.source": "labels.csv", "ingest.watch": "."})

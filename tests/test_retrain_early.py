@@ -4,6 +4,7 @@ real thing runs in tests/test_flow.py (every `imgclf run` there takes this path)
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -217,6 +218,7 @@ def test_run_retrain_starts_early_unless_a_server_is_configured(project, monkeyp
     assert out == {"ok": True} and flow.runner == "thread runner x2" and server.waited
     (call,) = flow.calls
     assert call["overrides"] == {"train.epochs": 3} and call["project_dir"] == str(project)
+    assert call["started_at"] <= time.time()  # "took" counts the early phase and Prefect's start too
     if api_url:
         assert "ran_early" not in call and server.checks == 0
         assert not call["lock_held"]  # the flow takes it itself
