@@ -196,6 +196,15 @@ def test_contract_fails_when_labels_exclude_a_found_class(image_folder, tmp_path
     assert "12 unexpected" in failing[0].detail
 
 
+def test_contract_fails_when_an_expected_class_has_no_images(image_folder, tmp_path):
+    """validate.labels lists a class with no accepted images: a 3-class model must not pass for a 4-class task."""
+    outcome = _run(image_folder, tmp_path / "out", labels=["cat", "dog", "fish", "bird"])
+    assert not outcome.contract.success
+    failing = outcome.contract.failures
+    assert [(c.expectation, c.column) for c in failing] == [("expect_column_distinct_values_to_contain_set", "label")]
+    assert "bird" in failing[0].detail and "validate.labels" in failing[0].why
+
+
 def test_empty_raw_folder_fails_the_contract(tmp_path):
     raw = tmp_path / "raw"
     (raw / "cat").mkdir(parents=True)
