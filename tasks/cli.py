@@ -307,12 +307,14 @@ def history() -> None:
     from tasks import registry
 
     client, params = _client(project_root())
-    table = Table("time", "kind", "from", "to", "reason", "by",
+    table = Table("time (UTC)", "kind", "from", "to", "reason", "by",
                   title=f"{params.register_.model_name}: champion history")
+    table.columns[0].no_wrap = True
     # (nothing registered yet is an empty history; any other registry error is worth its message)
     for m in registry.alias_history(client, params.register_.model_name):
         kind = "rollback" if registry.is_rollback(m) else "promote"
-        table.add_row(m["time"], kind, m["from"] or "-", m["to"], m["reason"], m["by"])
+        when = m["time"].replace("T", " ").removesuffix("+00:00")  # (recorded in UTC, ISO 8601)
+        table.add_row(when, kind, m["from"] or "-", m["to"], m["reason"], m["by"])
     console.print(table)
 
 

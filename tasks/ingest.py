@@ -281,12 +281,13 @@ def copy_csv(csv_path: Path, dest: Path, report: _Report) -> Layout:
         for dup_line, dup in duplicates:
             report.reject(f"{norm} (line {dup_line})", f"listed twice (first on line {line})", dup["label"])
         path = csv_path.parent / norm
+        where = f"{norm} (line {line})"
         if is_hidden(PurePosixPath(norm)):
-            report.reject(norm, "hidden file listed in the CSV", row["label"])
+            report.reject(where, "hidden file listed in the CSV", row["label"])
         elif not path.resolve().is_relative_to(base):
-            report.reject(norm, "symlink resolves outside the CSV's folder", row["label"])
+            report.reject(where, "symlink resolves outside the CSV's folder", row["label"])
         elif not path.is_file():
-            report.reject(norm, "listed in the CSV but not found (or not a regular file)", row["label"])
+            report.reject(where, "listed in the CSV but not found (or not a regular file)", row["label"])
         else:
             prefix = [SPLIT_ALIASES[row["split"].strip().lower()]] if presplit else []
             target = _place(dest, [*prefix, row["label"], *norm.split("/")], report, norm)

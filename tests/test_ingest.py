@@ -453,7 +453,7 @@ def test_csv_manifest_source_copies_listed_files_and_reports_every_bad_row(image
     result = ingest(str(csv_path), tmp_path / "raw")
     assert result.kind == "csv" and result.layout == "classes"
     reasons = {item["path"]: item["reason"] for item in result.rejected}
-    assert "not found" in reasons["img/missing.png"]
+    assert "not found" in reasons["img/missing.png (line 11)"]
     assert "escapes" in reasons["../secret.png (line 12)"]
     assert reasons["img/0.png (line 13)"] == "listed twice (first on line 2)"
     assert reasons["img/1.png (line 14)"] == "invalid or empty label ''"
