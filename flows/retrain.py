@@ -14,7 +14,7 @@ from prefect import flow, get_run_logger, task
 
 import tasks  # noqa: F401  (telemetry off)
 from flows.early import (RunFailed, WhileStageRuns, _quiet_dvc, _stage_env, host_started_by_dvc, import_mlflow,
-                         overridden, run_lock, run_stage, stage_outcome, worth_retrying)
+                         overridden, run_lock, run_stage, stage_command_exit, stage_outcome, worth_retrying)
 from tasks.config import load_params, project_root, source_overrides, write_resolved
 from tasks.stagehost import serving, start_current
 
@@ -196,6 +196,19 @@ def _read(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text()) if path.exists() else {}
 
 
+class StageFailed(RuntimeError):
+    """A stage's command failed; it printed its own message (its traceback, if any, is DVC's, not news)."""
+
+
+def stage_failure(exc: BaseException) -> BaseException:
+    """Pure: what the flow raises when a stage task failed: a one-line StageFailed when the stage's command
+    exited with an error (DVC's frames around it say nothing the stage did not print), else exc itself."""
+    failed = stage_command_exit(exc)
+    if failed is None:
+        return exc
+    return StageFailed(f"{failed[0]} failed")
+
+
 def run_overrides(source: str | None, overrides: dict[str, Any] | None) -> dict[str, Any]:
     """Pure: the params overrides of one run: its `source` (and what DVC watches for it), then `overrides`."""
     return {**(source_overrides(source) if source else {}), **(overrides or {})}
@@ -286,7 +299,13 @@ def retrain(overrides: dict[str, Any] | None = None, source: str | None = None, 
                     stage_task = task(run_stage, name=stage, timeout_seconds=STAGE_TIMEOUT_S[stage],
                                       retries=2 if stage == "ingest" else 0, retry_delay_seconds=10,
                                       retry_condition_fn=worth_retrying)
-                    did = stage_task(str(root), stage)
+                    try:
+                        did = stage_task(str(root), stage)
+                    except Exception as exc:
+                        failure = stage_failure(exc)
+                        if failure is exc:
+                            raise
+                        raise failure from None  # (its context, DVC's error, is kept for failure_hint)
                 logger.info("%s: %s", stage, stage_outcome(did)
                             + (" (through DVC while Prefect started)" if stage in early else ""))
                 ran += did

@@ -359,3 +359,19 @@ def test_the_failure_notice_goes_to_a_webhook_given_as_an_override(project, monk
     assert sent == [("failed", "http://127.0.0.1:9/hook")]
     assert rt.run_overrides("/data/x.csv", {"train.epochs": 2}) == {
         "ingest.source": "/data/x.csv", "ingest.watch": "/data", "train.epochs": 2}
+
+
+def test_a_failed_stage_command_ends_the_flow_with_one_line_not_dvcs_traceback():
+    from dvc.exceptions import ReproductionError
+    from dvc.stage.exceptions import StageCmdFailedError
+
+    try:
+        try:
+            raise StageCmdFailedError("python -m tasks.validate", 1)
+        except StageCmdFailedError as inner:
+            raise ReproductionError("validate") from inner
+    except ReproductionError as exc:
+        failure = rt.stage_failure(exc)
+    assert isinstance(failure, rt.StageFailed) and str(failure) == "validate failed"
+    other = OSError("disk full")
+    assert rt.stage_failure(other) is other  # anything else keeps its own traceback
