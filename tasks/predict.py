@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import TYPE_CHECKING, Sequence
 
-from tasks.preprocess import Preprocess, normalize
+from tasks.preprocess import Preprocess, load_tensor, normalize
 
 if TYPE_CHECKING:
+    import pandas as pd
     import torch
     from torch import nn
 
@@ -32,3 +34,21 @@ def predict_proba(model: "nn.Module", images: "torch.Tensor", spec: Preprocess, 
 
     logits = predict_logits(model, images, spec, batch_size=batch_size)
     return torch.softmax(logits, dim=1) if logits.numel() else logits
+
+
+def predict_sources(model: "nn.Module", spec: Preprocess, classes: Sequence[str],
+                    sources: Sequence[str | Path | bytes], *, batch_size: int = 64) -> "pd.DataFrame":
+    """Image files or bytes -> DataFrame(label, probability, p_<class>...), one row per input; raises on a bad
+    one. Kept for registered versions logged before per-row errors: their own serving.py calls it, and in
+    process (imgclf predict, the gate's re-score) it resolves to this module."""
+    import pandas as pd
+    import torch
+
+    if not sources:
+        return pd.DataFrame(columns=["label", "probability", *[f"p_{c}" for c in classes]])
+    probs = predict_proba(model, torch.stack([load_tensor(s, spec) for s in sources]), spec, batch_size=batch_size)
+    top_p, top_i = probs.max(dim=1)
+    frame = pd.DataFrame({"label": [classes[i] for i in top_i.tolist()], "probability": top_p.tolist()})
+    for k, name in enumerate(classes):
+        frame[f"p_{name}"] = probs[:, k].tolist()
+    return frame

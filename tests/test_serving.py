@@ -301,22 +301,31 @@ def test_every_input_shape_mlflow_hands_over_is_one_row_per_image():
     assert as_frame(["a", "b", "c"])["image"].tolist() == ["a", "b", "c"]  # "instances": [...]
 
 
-def test_a_version_logged_before_allow_paths_loads_without_mlflows_ignored_key_notice(tmp_path: Path, monkeypatch):
-    """Older versions declare no model_config: MLflow warns that allow_paths was ignored on every load (the
-    gate re-scores the champion with it); load_pyfunc keeps that notice out of the run's log."""
+def test_a_version_registered_before_this_serving_code_still_predicts_in_process(tmp_path: Path, monkeypatch):
+    """A registered version runs its own logged serving.py, which imports today's tasks.* in-process (imgclf
+    predict, the gate's re-score): a model logged with the serving code of 554aa86 (no model_config, whole-
+    batch errors, predict_sources) must load quietly, read paths and score them, and fail a bad file alone."""
     import logging
 
     import mlflow
+    import pandas as pd
 
+    from tasks import registry
+
+    old_code = Path(__file__).parent / "old_versions" / "serving_554aa86.py"
     real = mlflow.pyfunc.log_model
-    monkeypatch.setattr(mlflow.pyfunc, "log_model",
-                        lambda **kw: real(**{k: v for k, v in kw.items() if k != "model_config"}))
+    monkeypatch.setattr(mlflow.pyfunc, "log_model", lambda **kw: real(**{
+        **{k: v for k, v in kw.items() if k != "model_config"}, "python_model": str(old_code)}))
     monkeypatch.setenv("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", "false")
     tracking.configure("sqlite:///mlflow.db", "serving-test", tmp_path)
     save_model(tmp_path / "model", build_model("smallcnn", num_classes=2, in_channels=1), name="smallcnn",
                classes=["dark", "light"], preprocess=Preprocess.for_mode("L", 16))
     with mlflow.start_run():
         uri = tracking.log_serving_model(tmp_path / "model")
+    images = []
+    for i, shade in enumerate((10, 240)):
+        images.append(tmp_path / f"{i}.png")
+        Image.new("L", (16, 16), shade).save(images[-1])
     seen: list[str] = []
     handler = logging.Handler()
     handler.emit = lambda record: seen.append(record.getMessage())  # type: ignore[method-assign]
@@ -325,8 +334,11 @@ def test_a_version_logged_before_allow_paths_loads_without_mlflows_ignored_key_n
         mlflow.pyfunc.load_model(uri, model_config={"allow_paths": True})
         assert any("allow_paths were ignored" in m for m in seen)  # what MLflow says on its own
         seen.clear()
-        assert tracking.load_pyfunc(uri, allow_paths=True) is not None
-        assert not any("allow_paths were ignored" in m for m in seen)
+        model = tracking.load_pyfunc(uri, allow_paths=True)
+        assert not any("allow_paths were ignored" in m for m in seen)  # kept out of the run's log
+        out = model.predict(pd.DataFrame({"image": [str(p) for p in images]}))
+        assert list(out.columns) == ["label", "probability", "p_dark", "p_light"] and len(out) == 2
+        assert registry.rescore(uri, images) == out["label"].tolist()  # the gate can re-score an old champion
     finally:
         logging.getLogger("mlflow.pyfunc").removeHandler(handler)
         mlflow.set_tracking_uri(None)
