@@ -15,7 +15,7 @@ from prefect import flow, get_run_logger, task
 import tasks  # noqa: F401  (telemetry off)
 from flows.early import (RunFailed, WhileStageRuns, _quiet_dvc, _stage_env, host_started_by_dvc, import_mlflow,
                          overridden, run_lock, run_stage, stage_command_exit, stage_outcome, worth_retrying)
-from tasks.config import load_params, project_root, source_overrides, write_resolved
+from tasks.config import ParamsError, load_params, project_root, source_overrides, write_resolved
 from tasks.stagehost import serving, start_current
 
 STAGES = ("ingest", "validate", "split", "train", "evaluate")
@@ -220,9 +220,13 @@ def _notify_failure(flow, flow_run, state) -> None:
 
     try:
         root = project_root(Path(flow_run.parameters.get("project_dir") or "."))
-        # with the run's overrides: params.yaml has been put back by now, and the webhook may be one of them
+        # with the run's overrides: params.yaml has been put back by now, and the webhook may be one of them;
+        # unless an override is what failed the run: then params.yaml's own webhook
         overrides = run_overrides(flow_run.parameters.get("source"), flow_run.parameters.get("overrides"))
-        url = load_params(root / "params.yaml", overrides).schedule.webhook_url
+        try:
+            url = load_params(root / "params.yaml", overrides).schedule.webhook_url
+        except ParamsError:
+            url = load_params(root / "params.yaml").schedule.webhook_url
     except Exception:
         url = None
     notify("failed", {"flow_run": flow_run.name, "state": state.name, "message": str(state.message)[:2000]},

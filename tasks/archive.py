@@ -23,7 +23,12 @@ _CHUNK = 1 << 20
 
 
 class ArchiveError(RuntimeError):
-    """The archive or download is refused; the message names the file, the member and the reason."""
+    """The archive or download is refused; the message names the file, the member and the reason. `retryable`:
+    a download that broke off or could not connect, which trying again may fix (not a checksum or a cap)."""
+
+    def __init__(self, message: str, *, retryable: bool = False) -> None:
+        super().__init__(message)
+        self.retryable = retryable
 
 
 @dataclass(frozen=True)
@@ -254,7 +259,7 @@ def download(url: str, dest: Path, *, sha256: str, max_bytes: int,
                 digest.update(block)
                 out.write(block)
         if expected is not None and int(expected) != count:
-            raise ArchiveError(f"{url}: download interrupted ({count:,} of {int(expected):,} bytes)")
+            raise ArchiveError(f"{url}: download interrupted ({count:,} of {int(expected):,} bytes)", retryable=True)
         if digest.hexdigest() != sha256.lower():
             raise ArchiveError(f"{url}: sha256 mismatch: got {digest.hexdigest()}, params say {sha256.lower()} "
                                "(ingest.sha256)")
@@ -263,5 +268,7 @@ def download(url: str, dest: Path, *, sha256: str, max_bytes: int,
         raise
     except Exception as exc:  # network errors of every kind: nothing is kept
         dest.unlink(missing_ok=True)
-        raise ArchiveError(f"{url}: download failed ({type(exc).__name__}: {exc})") from None
+        status = getattr(exc, "code", None)  # an HTTP error: 4xx will not change on a retry, 5xx may
+        raise ArchiveError(f"{url}: download failed ({type(exc).__name__}: {exc})",
+                           retryable=not (isinstance(status, int) and 400 <= status < 500)) from None
     return dest

@@ -345,7 +345,7 @@ def ingest(source: str, dest: Path = RAW_DIR, *, sample_size: int = 32, sha256: 
                 archive = download(source, scratch / name, sha256=sha256, max_bytes=caps.max_total_bytes,
                                    **({"fetch": fetch} if fetch else {}))
             except ArchiveError as exc:
-                raise IngestError(str(exc), retryable=True) from None
+                raise IngestError(str(exc), retryable=exc.retryable) from None
             source_sha = sha256.lower()
             layout = _from_archive(archive, staged, scratch, report, caps)
         else:

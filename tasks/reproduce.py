@@ -70,23 +70,25 @@ def _run(cmd: list[str], cwd: Path, env: dict[str, str]) -> None:
         raise ReproduceError(f"`{' '.join(cmd)}` failed in {cwd}:\n{(res.stdout + res.stderr)[-3000:]}")
 
 
-def changed_weights(params_file: Path, root: Path, trained_sha256: str | None) -> str | None:
-    """Why the local pretrained weights file named in params_file is not the one a version was trained from
-    (its sha256, recorded at training, differs or the file is gone); None when it is, or there is none to check.
-    DVC sees only the path in params, never the file, so a rebuild would silently start from other weights."""
-    from tasks.config import load_params
+def trained_weights(pretrained: str | None, trained_sha256: str | None, *, tree: Path,
+                    root: Path) -> tuple[Path | None, str | None]:
+    """The local pretrained weights file a version was trained from, as a rebuild in `tree` can use it, or why
+    not: (path, None), (None, reason), or (None, None) when there is nothing to check (no local weights, or a
+    version trained before their sha256 was recorded). DVC sees only the path in params, never the file, so a
+    rebuild would otherwise silently start from other weights. A relative path is the worktree's, or else the
+    project's (weights are often not committed)."""
     from tasks.models import weights_file_sha256
 
-    pretrained = load_params(params_file).train.pretrained
     if not trained_sha256 or not pretrained:
-        return None
-    path = Path(pretrained) if Path(pretrained).is_absolute() else root / pretrained
-    if not path.is_file():
-        return f"its pretrained weights file {path} is gone (it had sha256 {trained_sha256})"
+        return None, None
+    places = [Path(pretrained)] if Path(pretrained).is_absolute() else [tree / pretrained, root / pretrained]
+    path = next((p for p in places if p.is_file()), None)
+    if path is None:
+        return None, f"its pretrained weights file {pretrained} is gone (it had sha256 {trained_sha256})"
     now = weights_file_sha256(str(path))
     if now != trained_sha256:
-        return f"its pretrained weights file {path} changed: sha256 {now}, trained from {trained_sha256}"
-    return None
+        return None, f"its pretrained weights file {path} changed: sha256 {now}, trained from {trained_sha256}"
+    return path, None
 
 
 def reproduce(root: Path, client: "MlflowClient", name: str, version: str, *, gpu_tolerance: float = 0.005,
@@ -116,9 +118,15 @@ def reproduce(root: Path, client: "MlflowClient", name: str, version: str, *, gp
             if not (lineage / item).exists():
                 raise ReproduceError(f"v{version}'s run has no {LINEAGE}/{item}: it cannot be rebuilt exactly")
             shutil.copyfile(lineage / item, tree / item)
-        changed = changed_weights(tree / "params.yaml", root, run.data.tags.get("pretrained.sha256"))
-        if changed:
-            raise ReproduceError(f"v{version} cannot be rebuilt as it was trained: {changed}")
+        from tasks.config import read_raw
+
+        pretrained = (read_raw(tree / "params.yaml").get("train") or {}).get("pretrained")  # (old params too)
+        weights, problem = trained_weights(pretrained, run.data.tags.get("pretrained.sha256"), tree=tree, root=root)
+        if problem:
+            raise ReproduceError(f"v{version} cannot be rebuilt as it was trained: {problem}")
+        if weights is not None and not Path(pretrained).is_absolute() and not (tree / pretrained).is_file():
+            (tree / pretrained).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(weights, tree / pretrained)  # the project's uncommitted weights, checked above
         if not params_tracking_is_local(tree / "params.yaml"):
             # The rebuild records into its own throwaway MLflow store, never the shared server's registry.
             from tasks.config import write_overrides

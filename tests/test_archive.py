@@ -208,23 +208,40 @@ def test_download_checks_the_sha256(tmp_path):
     dest = download("https://example.invalid/a.zip", tmp_path / "a.zip", sha256=good, max_bytes=10**6,
                     fetch=lambda url: _Response(data))
     assert dest.read_bytes() == data
-    with pytest.raises(ArchiveError, match="sha256 mismatch"):
+    with pytest.raises(ArchiveError, match="sha256 mismatch") as refused:
         download("https://example.invalid/a.zip", tmp_path / "b.zip", sha256="0" * 64, max_bytes=10**6,
                  fetch=lambda url: _Response(data))
     assert not (tmp_path / "b.zip").exists()
+    assert not refused.value.retryable  # the same bytes would come again
 
 
-@pytest.mark.parametrize("response, max_bytes, error", [
-    (dict(fail_after=2000), 10**6, "download failed.*peer went away"),  # connection dropped mid-body
-    (dict(length=9000), 10**6, "interrupted"),  # fewer bytes than Content-Length promised
-    ({}, 3000, "max_total_bytes"),  # over the byte cap: aborted while streaming
+@pytest.mark.parametrize("response, max_bytes, error, retryable", [
+    (dict(fail_after=2000), 10**6, "download failed.*peer went away", True),  # connection dropped mid-body
+    (dict(length=9000), 10**6, "interrupted", True),  # fewer bytes than Content-Length promised
+    ({}, 3000, "max_total_bytes", False),  # over the byte cap: aborted while streaming
 ])
-def test_a_failed_download_is_named_and_keeps_nothing(tmp_path, response, max_bytes, error):
+def test_a_failed_download_is_named_and_keeps_nothing(tmp_path, response, max_bytes, error, retryable):
     data = b"x" * 5000
-    with pytest.raises(ArchiveError, match=error):
+    with pytest.raises(ArchiveError, match=error) as failed:
         download("https://example.invalid/a.zip", tmp_path / "a.zip", sha256=hashlib.sha256(data).hexdigest(),
                  max_bytes=max_bytes, fetch=lambda url: _Response(data, **response))
     assert not (tmp_path / "a.zip").exists()
+    assert failed.value.retryable is retryable
+
+
+def test_an_http_client_error_is_not_worth_retrying_and_a_server_error_is(tmp_path):
+    import urllib.error
+
+    def status(code: int):
+        def fetch(url):
+            raise urllib.error.HTTPError(url, code, "nope", {}, None)
+        return fetch
+
+    for code, retryable in ((404, False), (503, True)):
+        with pytest.raises(ArchiveError, match=f"HTTP Error {code}") as failed:
+            download("https://example.invalid/a.zip", tmp_path / "a.zip", sha256="0" * 64, max_bytes=10,
+                     fetch=status(code))
+        assert failed.value.retryable is retryable
 
 
 def test_download_refuses_other_schemes(tmp_path):

@@ -27,22 +27,25 @@ def test_only_relative_sqlite_stores_count_as_local(tmp_path: Path):
 
 
 def test_a_changed_or_missing_pretrained_weights_file_is_named_before_any_rebuild(tmp_path):
-    import yaml
-
     from tasks.io import sha256_file
-    from tasks.reproduce import changed_weights
+    from tasks.reproduce import trained_weights
 
-    repo_params = yaml.safe_load((Path(__file__).resolve().parent.parent / "params.yaml").read_text())
-    params = tmp_path / "params.yaml"
-    weights = tmp_path / "weights" / "w.safetensors"
-    weights.parent.mkdir()
+    tree, root = tmp_path / "tree", tmp_path / "project"
+    weights = root / "weights" / "w.safetensors"
+    weights.parent.mkdir(parents=True)
+    tree.mkdir()
     weights.write_bytes(b"weights v1")
     trained = sha256_file(weights)
-    repo_params["train"]["pretrained"] = "weights/w.safetensors"  # relative: the project's
-    params.write_text(yaml.safe_dump(repo_params))
-    assert changed_weights(params, tmp_path, trained) is None
-    assert changed_weights(params, tmp_path, None) is None  # trained before hashes were recorded
+    rel = "weights/w.safetensors"  # relative: the worktree's, else (not committed) the project's
+    assert trained_weights(rel, trained, tree=tree, root=root) == (weights, None)
+    assert trained_weights(rel, None, tree=tree, root=root) == (None, None)  # trained before hashes were recorded
+    assert trained_weights(None, trained, tree=tree, root=root) == (None, None)
+    (tree / "weights").mkdir()
+    (tree / rel).write_bytes(b"weights v1")
+    assert trained_weights(rel, trained, tree=tree, root=root) == (tree / rel, None)  # the committed copy first
     weights.write_bytes(b"weights v2")
-    assert f"changed: sha256 {sha256_file(weights)}, trained from {trained}" in changed_weights(params, tmp_path, trained)
+    (tree / rel).unlink()
+    path, problem = trained_weights(rel, trained, tree=tree, root=root)
+    assert path is None and f"changed: sha256 {sha256_file(weights)}, trained from {trained}" in problem
     weights.unlink()
-    assert "is gone" in changed_weights(params, tmp_path, trained)
+    assert "is gone" in trained_weights(str(weights), trained, tree=tree, root=root)[1]

@@ -375,3 +375,17 @@ def test_a_failed_stage_command_ends_the_flow_with_one_line_not_dvcs_traceback()
     assert isinstance(failure, rt.StageFailed) and str(failure) == "validate failed"
     other = OSError("disk full")
     assert rt.stage_failure(other) is other  # anything else keeps its own traceback
+
+
+def test_the_failure_notice_falls_back_to_params_webhook_when_an_override_is_what_failed(project, monkeypatch):
+    from types import SimpleNamespace
+
+    import tasks.summary
+    from tasks.config import write_overrides
+
+    write_overrides(project / "params.yaml", {"schedule.webhook_url": "http://127.0.0.1:9/from-params"})
+    sent: list[str | None] = []
+    monkeypatch.setattr(tasks.summary, "notify", lambda event, payload, url=None: sent.append(url))
+    run = SimpleNamespace(name="r", parameters={"project_dir": str(project), "overrides": {"train.epochs": -1}})
+    rt._notify_failure(None, run, SimpleNamespace(name="Failed", message="invalid train.epochs"))
+    assert sent == ["http://127.0.0.1:9/from-params"]
