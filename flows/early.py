@@ -195,7 +195,7 @@ class RunBusy(RuntimeError):
     """Another run holds the project's run lock."""
 
 
-_HELD: dict[str, int] = {}  # run-lock paths this process holds, and how deeply (run_lock is re-entrant)
+_HELD: dict[str, list[int]] = {}  # run-lock path -> [holding thread, depth] (run_lock is re-entrant per thread)
 _HELD_GUARD = threading.Lock()
 
 
@@ -203,23 +203,25 @@ _HELD_GUARD = threading.Lock()
 def run_lock(root: Path, wait_s: float) -> Iterator[None]:
     """One run at a time per project: a second run waits up to wait_s, then exits with a clear message.
 
-    Re-entrant within a process: `imgclf run` takes it before its early stages and keeps it until its flow
-    (which takes it again) has ended, so no other run can start in between."""
+    Re-entrant within a thread: `imgclf run` takes it before its early stages and keeps it until its flow
+    (which takes it again) has ended, so no other run can start in between. Another thread of the same
+    process is another run: it is refused like one in another process."""
     from filelock import FileLock, Timeout
 
     path = root / ".imgclf" / "run.lock"
     path.parent.mkdir(parents=True, exist_ok=True)
     key = str(path.resolve())
+    me = threading.get_ident()
     with _HELD_GUARD:
-        nested = key in _HELD
+        nested = key in _HELD and _HELD[key][0] == me
         if nested:
-            _HELD[key] += 1
+            _HELD[key][1] += 1
     if nested:
         try:
             yield
         finally:
             with _HELD_GUARD:
-                _HELD[key] -= 1
+                _HELD[key][1] -= 1
         return
     lock = FileLock(str(path))
     try:
@@ -228,7 +230,7 @@ def run_lock(root: Path, wait_s: float) -> Iterator[None]:
         raise RunBusy(f"another imgclf run is in progress in {root} (it holds {path}); not started. "
                       "Set schedule.wait_for_lock_s to wait instead.") from None
     with _HELD_GUARD:
-        _HELD[key] = 1
+        _HELD[key] = [me, 1]
     try:
         yield
     finally:

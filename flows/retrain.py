@@ -14,7 +14,8 @@ from prefect import flow, get_run_logger, task
 
 import tasks  # noqa: F401  (telemetry off)
 from flows.early import (RunFailed, WhileStageRuns, _quiet_dvc, _stage_env, host_started_by_dvc, import_mlflow,
-                         overridden, run_lock, run_stage, stage_command_exit, stage_outcome, worth_retrying)
+                         RESTORED, overridden, run_lock, run_stage, stage_command_exit, stage_outcome,
+                         worth_retrying)
 from tasks.config import ParamsError, load_params, project_root, source_overrides, write_resolved
 from tasks.stagehost import serving, start_current
 
@@ -284,7 +285,8 @@ def retrain(overrides: dict[str, Any] | None = None, source: str | None = None, 
     with run_lock(root, wait_s), overridden(root / "params.yaml", overrides) as params_state, \
             serving(root, start=False) as host, host_started_by_dvc(host):
         params = load_params(root / "params.yaml")
-        ran: list[str] = []
+        ran: list[str] = []  # stage names DVC ran or restored from its run-cache (restored: those of the latter)
+        restored: list[str] = []
         swept = None
         if sweep:
             from tasks.sweep import validate_sweep
@@ -312,7 +314,8 @@ def retrain(overrides: dict[str, Any] | None = None, source: str | None = None, 
                         raise failure from None  # (its context, DVC's error, is kept for failure_hint)
                 logger.info("%s: %s", stage, stage_outcome(did)
                             + (" (through DVC while Prefect started)" if stage in early else ""))
-                ran += did
+                ran += [d.removesuffix(RESTORED) for d in did]
+                restored += [d.removesuffix(RESTORED) for d in did if d.endswith(RESTORED)]
         finally:
             if warm:
                 warm.cancel()  # train's command never started: nothing to import ahead
@@ -328,7 +331,7 @@ def retrain(overrides: dict[str, Any] | None = None, source: str | None = None, 
     validation = _read(root / "reports/validation/summary.json")
     split_summary = _read(root / "data/splits/summary.json")
     summary = {
-        "stages_run": ran, "up_to_date": not ran, "data_hash": ingest["content_hash"],
+        "stages_run": ran, "stages_restored": restored, "up_to_date": not ran, "data_hash": ingest["content_hash"],
         "data_source": ingest["source"], "n_images": ingest["n_files"],
         "accepted": validation.get("accepted"), "quarantined": validation.get("quarantined"),
         "data_docs": validation.get("data_docs"), "split_warnings": split_summary.get("warnings", []),

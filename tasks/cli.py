@@ -134,7 +134,9 @@ def overrides_note(overrides: dict, sweep: dict | None) -> str:
 
 def _print_summary(s: dict) -> None:
     table = Table(title="imgclf run", show_header=False)
-    table.add_row("stages run", ", ".join(s["stages_run"]) or "none: everything up to date")
+    restored = set(s.get("stages_restored") or [])
+    table.add_row("stages run", ", ".join(f"{n} (restored from DVC's run-cache)" if n in restored else n
+                                          for n in s["stages_run"]) or "none: everything up to date")
     table.add_row("data version", f"{s['data_hash'][:12]} ({s['n_images']} images from {s['data_source']})")
     if s.get("accepted") is not None:
         table.add_row("validation", f"contract passed: {s['accepted']} accepted, {s['quarantined']} quarantined "

@@ -331,7 +331,8 @@ def evaluate(model_dir: Path, test_csv: Path, raw_dir: Path, *, batch_size: int 
         # "fitted", "clamped" (into calibration.TEMPERATURE_RANGE) or "fallback" (T = 1: no minimum to fit)
         metrics["temperature_status"], metrics["temperature_note"] = fit.status, fit.reason
         metrics["ece"] = expected_calibration_error(scaled, targets, n_bins=calibration_bins)
-        reliability["after"] = reliability_bins(scaled, targets, n_bins=calibration_bins)
+        if fit.status != "fallback":  # (a fallback's T = 1 changes nothing: no "after" curve to draw)
+            reliability["after"] = reliability_bins(scaled, targets, n_bins=calibration_bins)
     metrics["test_hash"] = sha256_file(test_csv)
 
     loss = F.cross_entropy(logits, targets, reduction="none")
@@ -493,7 +494,8 @@ def draw(result: Evaluation, cfg: EvalConfig, plots: Path) -> str | None:
     plot_confusion(result.confusion, result.classes, plots / "confusion_matrix.png")
     plot_confusion(result.confusion, result.classes, plots / "confusion_matrix_normalized.png", normalize=True)
     plot_reliability(result.reliability["before"], result.reliability["after"], plots / "reliability.png",
-                     ece_before=m["ece_before"], ece_after=m["ece"] if m["temperature"] else None,
+                     ece_before=m["ece_before"],
+                     ece_after=m["ece"] if result.reliability["after"] is not None else None,
                      temperature=m["temperature"])
     plot_data(result, plots)
     return error_gallery(result, plots, n=cfg.worst_n, gradcam=cfg.gradcam)

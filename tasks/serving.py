@@ -76,8 +76,9 @@ def as_frame(model_input) -> pd.DataFrame:
     `inputs`/`instances`) as a DataFrame with one row per image."""
     if isinstance(model_input, pd.DataFrame):
         return model_input
-    if isinstance(model_input, dict):
-        return pd.DataFrame({k: list(v) if not isinstance(v, (str, bytes)) else [v] for k, v in model_input.items()})
+    if isinstance(model_input, dict):  # a column is a list (or array); a lone value is one row
+        return pd.DataFrame({k: list(v) if isinstance(v, (list, tuple, pd.Series)) or getattr(v, "ndim", 0) > 0
+                             else [v] for k, v in model_input.items()})
     return pd.DataFrame({"image": list(model_input)})
 
 

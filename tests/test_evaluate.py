@@ -411,6 +411,10 @@ def test_a_degenerate_temperature_fit_says_why_in_metrics_and_log(tmp_path: Path
     assert m["temperature"] == 1.0 and m["temperature_status"] == "fallback" and m["temperature_note"] == reason
     assert any("fallback" in line and reason in line for line in lines)
     assert json.loads(out.metrics.read_text())["temperature_note"] == reason
+    import pandas as pd
+
+    reliability = pd.read_csv(out.reports / "plots" / "reliability.csv")
+    assert reliability["confidence_after"].isna().all()  # no "after" curve for a T = 1 that changed nothing
 
 
 def _with_split_groups(p: dict[str, Path]) -> None:

@@ -262,8 +262,8 @@ def test_the_flow_reports_early_stages_as_tasks_without_asking_dvc_again(project
     from prefect.testing.utilities import prefect_test_harness
 
     asked: list[str] = []
-    monkeypatch.setattr(rt, "run_stage", lambda root, stage: asked.append(stage) or ([stage] if stage == "train"
-                                                                                      else []))
+    outcome = {"train": ["train"], "evaluate": ["evaluate" + early.RESTORED]}  # evaluate: from DVC's run-cache
+    monkeypatch.setattr(rt, "run_stage", lambda root, stage: asked.append(stage) or outcome.get(stage, []))
     monkeypatch.setattr(rt, "register_gate_promote", lambda root, allow_promotion: {"promoted": False})
     monkeypatch.setattr(rt, "_publish", lambda root, summary: None)
     for rel, content in {"reports/metrics.json": {"accuracy": 1.0, "macro_f1": 1.0},
@@ -277,7 +277,8 @@ def test_the_flow_reports_early_stages_as_tasks_without_asking_dvc_again(project
         with get_client(sync_client=True) as client:
             tasks_run = {t.name.rsplit("-", 1)[0] for t in client.read_task_runs() if t.state.is_completed()}
     assert asked == ["split", "train", "evaluate"]
-    assert summary["stages_run"] == ["ingest", "train"]
+    assert summary["stages_run"] == ["ingest", "train", "evaluate"]  # plain stage names
+    assert summary["stages_restored"] == ["evaluate"]
     assert set(rt.STAGES) <= tasks_run
 
 

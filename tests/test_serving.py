@@ -298,6 +298,7 @@ def test_every_input_shape_mlflow_hands_over_is_one_row_per_image():
     assert as_frame(frame) is frame
     assert as_frame({"image": np.array(["a", "b"])})["image"].tolist() == ["a", "b"]  # "inputs": {"image": [...]}
     assert as_frame({"image": "a"})["image"].tolist() == ["a"]
+    assert as_frame({"image": None})["image"].tolist() == [None]  # one row, which gets its own error
     assert as_frame(["a", "b", "c"])["image"].tolist() == ["a", "b", "c"]  # "instances": [...]
 
 

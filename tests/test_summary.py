@@ -81,5 +81,20 @@ def test_a_second_run_does_not_start_while_one_holds_the_lock(tmp_path: Path):
     finally:
         holder.communicate("", timeout=30)
     with run_lock(tmp_path, 0):  # released afterwards
-        with run_lock(tmp_path, 0):  # and re-entrant within one process (imgclf run: early stages, then the flow)
+        with run_lock(tmp_path, 0):  # and re-entrant within one thread (imgclf run: early stages, then the flow)
             pass
+        import threading
+
+        refused: list[BaseException] = []
+
+        def another_run_in_this_process() -> None:
+            try:
+                with run_lock(tmp_path, 0):
+                    pass
+            except RunBusy as exc:
+                refused.append(exc)
+
+        other = threading.Thread(target=another_run_in_this_process)
+        other.start()
+        other.join()
+        assert len(refused) == 1  # another thread is another run
