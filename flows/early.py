@@ -280,10 +280,24 @@ class PrefectStart:
         self._thread.join()
 
 
-def run_early_stages(root: Path, server: "PrefectStart", overrides: dict[str, Any]) -> dict[str, list[str]]:
+def settled_failure(stage: str, exc: BaseException) -> str | None:
+    """Pure: for a stage whose command failed in a way running it again cannot change (a failed contract, a
+    missing source: anything but ingest's retryable download), the one line the flow ends with; else None."""
+    from tasks.ingest import NOT_RETRYABLE_EXIT
+
+    failed = stage_command_exit(exc)
+    if failed is None or (stage == "ingest" and failed[1] != NOT_RETRYABLE_EXIT):
+        return None
+    return f"{stage} failed (its command exited with {failed[1]} while Prefect started; its message is above)"
+
+
+def run_early_stages(root: Path, server: "PrefectStart", overrides: dict[str, Any],
+                     failed: dict[str, str] | None = None) -> dict[str, list[str]]:
     """While the server starts: hold the run lock, apply the overrides and run EARLY_STAGES through DVC,
-    stopping once the server is up or at the first stage that fails (the flow runs that one as a task, with
-    its retries, logs and failure hooks). Nothing runs when another run holds the lock."""
+    stopping once the server is up or at the first stage that fails. The flow runs a failed stage again as a
+    task, with its retries, logs and failure hooks; unless running it again cannot change the outcome: then
+    `failed` gets its settled_failure line, and the flow's task for it fails with that, without a second run.
+    Nothing runs when another run holds the lock."""
 
     done: dict[str, list[str]] = {}
     with ExitStack() as stack:
@@ -299,7 +313,9 @@ def run_early_stages(root: Path, server: "PrefectStart", overrides: dict[str, An
                 break
             try:
                 done[stage] = run_stage(str(root), stage)
-            except Exception:  # noqa: BLE001
+            except Exception as exc:  # noqa: BLE001
+                if failed is not None and (line := settled_failure(stage, exc)):
+                    failed[stage] = line
                 break
         store.finish()
     return done
@@ -342,6 +358,7 @@ def run_retrain(*, overrides: dict[str, Any] | None = None, allow_promotion: boo
     with ExitStack() as held, serving(root, start=False) as host, host_started_by_dvc(host):
         prefect = PrefectStart()
         early: dict[str, list[str]] = {}
+        failed_early: dict[str, str] = {}
         try:
             if not configured_server:
                 try:  # held until the flow has ended: no other run may start between the early stages and it
@@ -349,7 +366,7 @@ def run_retrain(*, overrides: dict[str, Any] | None = None, allow_promotion: boo
                 except RunBusy:
                     pass  # the flow waits for the lock (schedule.wait_for_lock_s) or refuses, and reports it
                 else:
-                    early = run_early_stages(root, prefect, overrides or {})
+                    early = run_early_stages(root, prefect, overrides or {}, failed_early)
             if not any(early.values()):  # nothing ran yet (maybe nothing will): register comes soon and needs
                 threading.Thread(target=import_mlflow, name="import-mlflow", daemon=True).start()  # MLflow
         finally:
@@ -361,4 +378,5 @@ def run_retrain(*, overrides: dict[str, Any] | None = None, allow_promotion: boo
         kwargs: dict[str, Any] = dict(overrides=overrides, allow_promotion=allow_promotion,
                                       project_dir=project_dir, sweep=sweep, started_at=started_at)
         with flow_settings():
-            return flow_fn(**kwargs, **({"ran_early": early} if early else {}))
+            return flow_fn(**kwargs, **({"ran_early": early} if early else {}),
+                           **({"failed_early": failed_early} if failed_early else {}))

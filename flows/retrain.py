@@ -254,6 +254,14 @@ def _publish(root: Path, summary: dict[str, Any]) -> None:
         create_table_artifact(rows, key="per-class-metrics", description="test split, per class")
 
 
+def settled(line: str) -> Any:
+    """A stage's task when its command failed before the flow started in a way a second run cannot change: it
+    ends Failed with that line (a state, not an exception: nothing new to show a traceback of)."""
+    from prefect.states import Failed
+
+    return Failed(message=line)
+
+
 def checked_early(stage: str, did: list[str]) -> list[str]:
     """A stage's task when DVC already handled it before the flow started (flows/early.py): its outcome."""
     return did
@@ -269,7 +277,8 @@ def temporary_api() -> bool:
 @flow(name="retrain", log_prints=True, on_failure=[_notify_failure], on_crashed=[_notify_failure])
 def retrain(overrides: dict[str, Any] | None = None, source: str | None = None, allow_promotion: bool = True,
             project_dir: str | None = None, sweep: list[dict[str, Any]] | None = None,
-            ran_early: dict[str, list[str]] | None = None, started_at: float | None = None) -> dict[str, Any]:
+            ran_early: dict[str, list[str]] | None = None, started_at: float | None = None,
+            failed_early: dict[str, str] | None = None) -> dict[str, Any]:
     """Ingest -> validate -> split -> train -> evaluate (through DVC), then register and promote.
 
     With `sweep` (a list of override dicts), train+evaluate run once per candidate as DVC experiments
@@ -299,6 +308,9 @@ def retrain(overrides: dict[str, Any] | None = None, source: str | None = None, 
         early = ran_early or {}
         try:
             for stage in (STAGES[:3] if sweep else STAGES):
+                if stage in (failed_early or {}):  # its command failed early, and would again: no second run
+                    task(settled, name=stage)(failed_early[stage], return_state=True)
+                    raise StageFailed(failed_early[stage])
                 if stage in early:  # DVC already ran (or found up to date) this stage for this run
                     did = task(checked_early, name=stage)(stage, early[stage])
                 else:

@@ -390,3 +390,52 @@ def test_the_failure_notice_falls_back_to_params_webhook_when_an_override_is_wha
     run = SimpleNamespace(name="r", parameters={"project_dir": str(project), "overrides": {"train.epochs": -1}})
     rt._notify_failure(None, run, SimpleNamespace(name="Failed", message="invalid train.epochs"))
     assert sent == ["http://127.0.0.1:9/from-params"]
+
+
+def _command_failed(stage: str, code: int) -> Exception:
+    from dvc.exceptions import ReproductionError
+    from dvc.stage.exceptions import StageCmdFailedError
+
+    try:
+        try:
+            raise StageCmdFailedError(f"python -m tasks.{stage}", code)
+        except StageCmdFailedError as inner:
+            raise ReproductionError(stage) from inner
+    except ReproductionError as exc:
+        return exc
+
+
+def test_an_early_failure_a_second_run_cannot_change_is_handed_to_the_flow(project, monkeypatch):
+    from tasks.ingest import NOT_RETRYABLE_EXIT
+
+    assert early.settled_failure("validate", _command_failed("validate", 1)).startswith("validate failed")
+    assert early.settled_failure("ingest", _command_failed("ingest", NOT_RETRYABLE_EXIT))
+    assert early.settled_failure("ingest", _command_failed("ingest", 1)) is None  # a download: worth a retry
+    assert early.settled_failure("split", OSError("no space left")) is None  # not the command's own failure
+
+    def stage(root: str, name: str) -> list[str]:
+        if name == "validate":
+            raise _command_failed("validate", 1)
+        return [name]
+
+    monkeypatch.setattr(early, "run_stage", stage)
+    monkeypatch.setattr(early, "open_mlflow_store", lambda root: Opened())
+    failed: dict[str, str] = {}
+    assert early.run_early_stages(project, FakeServer(after=10), {}, failed) == {"ingest": ["ingest"]}
+    assert list(failed) == ["validate"] and "exited with 1" in failed["validate"]
+
+
+def test_the_flow_ends_on_a_settled_early_failure_without_running_the_stage_again(project, monkeypatch):
+    from prefect.testing.utilities import prefect_test_harness
+
+    asked: list[str] = []
+    monkeypatch.setattr(rt, "run_stage", lambda root, stage: asked.append(stage) or [])
+    line = "validate failed (its command exited with 1 while Prefect started; its message is above)"
+    with prefect_test_harness(server_startup_timeout=120):
+        with pytest.raises(rt.StageFailed, match=r"validate failed \(its command exited with 1"):
+            rt.retrain(project_dir=str(project), ran_early={"ingest": ["ingest"]}, failed_early={"validate": line})
+        from prefect import get_client
+
+        with get_client(sync_client=True) as client:
+            failed = {t.name.rsplit("-", 1)[0] for t in client.read_task_runs() if t.state.is_failed()}
+    assert asked == [] and failed == {"validate"}  # recorded as the failed task, not run again
