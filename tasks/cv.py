@@ -194,6 +194,8 @@ def resolve_groups(frame: "pd.DataFrame", *, column: str | None, manifest: "pd.D
     ungrouped CV with a warning. A null column is the explicit way to cross-validate without groups."""
     import pandas as pd
 
+    from tasks.split import connected_components, shared_key_pairs
+
     if not column:
         return Groups(None, "none (evaluate.cv_group_column is null)")
     keys: list[list[tuple[str, Any]]] = [[] for _ in range(len(frame))]
@@ -228,22 +230,7 @@ def resolve_groups(frame: "pd.DataFrame", *, column: str | None, manifest: "pd.D
     if has_split:
         add(split_groups, SPLIT_GROUP_COLUMN, "split")
         sources.append(f"split's duplicate groups (data/splits/{SPLIT_GROUPS})")
-    parent = list(range(len(frame)))
-
-    def root(i: int) -> int:
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
-    first: dict[tuple[str, Any], int] = {}
-    for i, row_keys in enumerate(keys):
-        for key in row_keys:
-            if key in first:
-                parent[root(i)] = root(first[key])
-            else:
-                first[key] = i
-    values = [root(i) for i in range(len(frame))]
+    values = connected_components(len(frame), shared_key_pairs(keys))
     sizes = pd.Series(values).value_counts()
     return Groups(values, " + ".join(sources), int(sizes[sizes > 1].sum()))
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Hashable, Iterable, Iterator, Sequence
 
 from tasks.io import replace_dir, sha256_file, staging_dir, write_json, write_text
 
@@ -67,11 +67,21 @@ def near_duplicate_pairs(hashes: "np.ndarray", max_distance: int) -> list[tuple[
     return sorted(pairs)
 
 
-def group_ids(sha256: list[str], phash: list[str | None], *, max_distance: int | None) -> list[int]:
-    """Connected components of 'same sha256' and 'perceptual hashes within max_distance'; id = smallest index."""
-    import numpy as np
+def shared_key_pairs(keys: Sequence[Iterable[Hashable]]) -> Iterator[tuple[int, int]]:
+    """Pure: (first row with a key, row) for every later row holding that key again; keys[i]: row i's keys."""
+    first: dict[Hashable, int] = {}
+    for i, row_keys in enumerate(keys):
+        for key in row_keys:
+            if key in first:
+                yield first[key], i
+            else:
+                first[key] = i
 
-    parent = list(range(len(sha256)))
+
+def connected_components(n: int, pairs: Iterable[tuple[int, int]]) -> list[int]:
+    """Pure: each of n items' component in the graph of pairs (union-find); a component's id is its smallest
+    index."""
+    parent = list(range(n))
 
     def find(i: int) -> int:
         while parent[i] != i:
@@ -79,24 +89,24 @@ def group_ids(sha256: list[str], phash: list[str | None], *, max_distance: int |
             i = parent[i]
         return i
 
-    def union(a: int, b: int) -> None:
+    for a, b in pairs:
         ra, rb = find(a), find(b)
         if ra != rb:
             parent[max(ra, rb)] = min(ra, rb)
+    return [find(i) for i in range(n)]
 
-    first: dict[str, int] = {}
-    for i, digest in enumerate(sha256):
-        if digest in first:
-            union(first[digest], i)
-        else:
-            first[digest] = i
+
+def group_ids(sha256: list[str], phash: list[str | None], *, max_distance: int | None) -> list[int]:
+    """Connected components of 'same sha256' and 'perceptual hashes within max_distance'; id = smallest index."""
+    import numpy as np
+
+    pairs = list(shared_key_pairs([[digest] for digest in sha256]))
     if max_distance is not None:
         valid = [i for i, h in enumerate(phash) if isinstance(h, str) and h]
         if valid:
             hashes = np.array([int(phash[i], 16) for i in valid], dtype=np.uint64)
-            for a, b in near_duplicate_pairs(hashes, max_distance):
-                union(valid[a], valid[b])
-    return [find(i) for i in range(len(sha256))]
+            pairs += [(valid[a], valid[b]) for a, b in near_duplicate_pairs(hashes, max_distance)]
+    return connected_components(len(sha256), pairs)
 
 
 # --- assignment ---------------------------------------------------------------------------------------
