@@ -256,15 +256,25 @@ def promote(
                                                             else " (use --force to override; the override is recorded)"))
         raise typer.Exit(1)
     reason = "manual promotion (imgclf promote)" + (f" FORCED over: {problem}" if problem else ": gate record passed")
+    _move_champion(client, name, str(mv.version), now=now, reason=reason, root=root, kind="promote",
+                   again=f"`imgclf promote {version}` again to check it against v{{now}}")
+
+
+def _move_champion(client, name: str, version: str, *, now: str | None, reason: str, root: Path, kind: str,
+                   again: str) -> None:
+    """Move `champion` from `now` to version under the registry lock (compare-and-set) and say so; a move by
+    someone else meanwhile changes nothing and ends with exit 1 and `again` (its {now}: the new champion)."""
+    from tasks import registry
+
     try:
-        registry.promote_if_unchanged(client, name, str(mv.version), expected=now, reason=reason,
-                                      lock_path=root / registry.LOCK_FILE)
+        registry.promote_if_unchanged(client, name, version, expected=now, reason=reason,
+                                      lock_path=root / registry.LOCK_FILE, kind=kind)
     except registry.PromotionConflict as exc:
-        console.print(f"[red]not promoted:[/] champion moved to v{exc.now} while this command ran (it was "
-                      f"{'v' + now if now else 'unset'}; `imgclf history` shows the move): run "
-                      f"`imgclf promote {version}` again to check it against v{exc.now}")
+        console.print(f"[red]not {'rolled back' if kind == 'rollback' else 'promoted'}:[/] champion moved to "
+                      f"v{exc.now} while this command ran (it was {'v' + now if now else 'unset'}; `imgclf history` "
+                      f"shows the move): run " + again.format(now=exc.now))
         raise typer.Exit(1) from None
-    console.print(f"champion -> {name} v{mv.version} (was {'v' + now if now else 'none'})")
+    console.print(f"champion -> {name} v{version} (was {'v' + now if now else 'none'})")
 
 
 @app.command()
@@ -292,15 +302,8 @@ def rollback(
                       "recorded)")
         raise typer.Exit(1)
     reason = f"rollback from v{now}" + (f" FORCED over: v{target} {problem}" if problem else "")
-    try:
-        registry.promote_if_unchanged(client, name, target, expected=now, reason=reason,
-                                      lock_path=root / registry.LOCK_FILE, kind="rollback")
-    except registry.PromotionConflict as exc:
-        console.print(f"[red]not rolled back:[/] champion moved to v{exc.now} while this command ran (it was "
-                      f"v{now}; `imgclf history` shows the move): run `imgclf rollback` again to roll back from "
-                      f"v{exc.now}")
-        raise typer.Exit(1) from None
-    console.print(f"champion -> {name} v{target} (was v{now})")
+    _move_champion(client, name, target, now=now, reason=reason, root=root, kind="rollback",
+                   again="`imgclf rollback` again to roll back from v{now}")
 
 
 @app.command()
