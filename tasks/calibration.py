@@ -117,8 +117,3 @@ def temperature_fit(logits: "torch.Tensor", targets: "torch.Tensor", *, max_iter
         if done:
             break
     return result(b, "fitted")
-
-
-def fit_temperature(logits: "torch.Tensor", targets: "torch.Tensor", *, max_iter: int = 200) -> float:
-    """The NLL-minimising temperature, or 1.0 for a degenerate fit (see temperature_fit for which and why)."""
-    return temperature_fit(logits, targets, max_iter=max_iter).temperature

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from tasks.calibration import (TEMPERATURE_RANGE, expected_calibration_error, fit_temperature, reliability_bins,
+from tasks.calibration import (TEMPERATURE_RANGE, expected_calibration_error, reliability_bins,
                                temperature_fit)
 
 
@@ -32,7 +32,7 @@ def test_temperature_scaling_recovers_a_known_overconfidence():
     g = torch.Generator().manual_seed(0)
     true_logits = torch.randn(4000, 5, generator=g) * 2
     targets = torch.multinomial(torch.softmax(true_logits, 1), 1, generator=g).squeeze(1)
-    t = fit_temperature(true_logits * 3, targets)  # a model 3x too sure of itself
+    t = temperature_fit(true_logits * 3, targets).temperature  # a model 3x too sure of itself
     assert t == pytest.approx(3.0, rel=0.1)
     before = expected_calibration_error(torch.softmax(true_logits * 3, 1), targets)
     after = expected_calibration_error(torch.softmax(true_logits * 3 / t, 1), targets)
@@ -42,8 +42,8 @@ def test_temperature_scaling_recovers_a_known_overconfidence():
 def test_degenerate_temperature_falls_back_to_one():
     # perfectly separated: NLL keeps falling as T -> 0; an absurd T is never returned
     logits = torch.tensor([[50.0, -50.0], [-50.0, 50.0]])
-    assert 1e-2 <= fit_temperature(logits, torch.tensor([0, 1])) <= 1e2
-    assert fit_temperature(torch.empty(0, 2), torch.empty(0, dtype=torch.int64)) == 1.0
+    assert 1e-2 <= temperature_fit(logits, torch.tensor([0, 1])).temperature <= 1e2
+    assert temperature_fit(torch.empty(0, 2), torch.empty(0, dtype=torch.int64)).temperature == 1.0
 
 
 def test_ece_matches_torchmetrics_binning():
@@ -62,7 +62,7 @@ def test_ece_matches_torchmetrics_binning():
 
 def test_fit_temperature_leaves_the_thread_count_as_it_was():
     threads = torch.get_num_threads()
-    fit_temperature(torch.randn(50, 3) * 4, torch.randint(0, 3, (50,)))
+    temperature_fit(torch.randn(50, 3) * 4, torch.randint(0, 3, (50,)))
     assert torch.get_num_threads() == threads
 
 
@@ -74,7 +74,7 @@ def test_fit_temperature_finds_the_nll_minimum(scale):
     g = torch.Generator().manual_seed(int(scale * 10))
     targets = torch.randint(0, 10, (400,), generator=g)
     logits = (torch.randn(400, 10, generator=g) + 2 * F.one_hot(targets, 10)) * scale
-    t = fit_temperature(logits, targets)
+    t = temperature_fit(logits, targets).temperature
     nll = lambda temp: float(F.cross_entropy(logits.double() / temp, targets))  # noqa: E731
     assert nll(t) <= min(nll(t * 1.01), nll(t / 1.01))
     assert t == pytest.approx(scale / 2, rel=0.5)  # roughly undoes the scale
@@ -85,7 +85,7 @@ def test_a_separable_validation_split_gets_no_temperature():
 
     targets = torch.randint(0, 10, (300,), generator=torch.Generator().manual_seed(0))
     logits = torch.randn(300, 10, generator=torch.Generator().manual_seed(1)) + 8 * F.one_hot(targets, 10)
-    assert fit_temperature(logits, targets) == 1.0
+    assert temperature_fit(logits, targets).temperature == 1.0
 
 
 def _sampled(n: int = 4000, k: int = 5, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -107,7 +107,7 @@ def test_a_strongly_under_confident_model_gets_its_small_temperature(scale):
     before = expected_calibration_error(torch.softmax(true_logits * scale, 1), targets)
     after = expected_calibration_error(torch.softmax(true_logits * scale / fit.temperature, 1), targets)
     assert before > 0.4 and after < 0.1
-    assert fit_temperature(true_logits * scale, targets) == fit.temperature
+    assert temperature_fit(true_logits * scale, targets).temperature == fit.temperature
 
 
 def test_a_perfectly_separated_split_falls_back_and_says_why():
