@@ -623,26 +623,58 @@ def test_a_failed_download_is_worth_retrying(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_failed_ingest_under_dvc_leaves_the_previous_snapshot_in_place(tmp_path):
-    """DVC deletes a stage's outputs before its command runs unless they persist: a source that became
-    empty must not cost the last good data/raw (the README's promise; `dvc status` stays clean)."""
+def test_a_failed_ingest_in_a_run_puts_the_previous_snapshot_back(tmp_path, monkeypatch):
+    """DVC deletes a stage's outputs before its command runs: a source that became empty must not cost the last
+    good data/raw in `imgclf run` (the README's promise; `dvc status` is clean again once the source is back).
+    Under a bare `dvc repro` they are gone until `dvc checkout ingest`, as the README says."""
+    from flows import early
     from project_helpers import VENV_BIN, copy_project, shapes_dataset
+    from tasks.config import write_overrides
 
     images = shapes_dataset(tmp_path / "images", per_class=4)
     root, env = copy_project(tmp_path, {"ingest.source": str(images), "ingest.watch": str(images)})
     env = {**env, "PATH": f"{VENV_BIN}:{env['PATH']}"}  # `dvc` as a user runs it: from the activated venv
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.chdir(root)  # (as in a run: DVC resolves the stage name against the working folder)
     dvc = [sys.executable, "-m", "dvc"]
-    subprocess.run(dvc + ["repro", "ingest"], cwd=root, env=env, check=True, capture_output=True)
+    assert early.stage_outcome(early.run_stage(str(root), "ingest")) == "ran"
     before = _snapshot(root / "data" / "raw")
     record = (root / "data" / "ingest.json").read_text()
     empty = tmp_path / "empty"
     (empty / "circle").mkdir(parents=True)  # a folder of class folders with no files in them
-    from tasks.config import write_overrides
-
     write_overrides(root / "params.yaml", {"ingest.source": str(empty), "ingest.watch": str(empty)})
+
     failed = subprocess.run(dvc + ["repro", "ingest"], cwd=root, env=env, capture_output=True, text=True)
     assert failed.returncode != 0 and "no files found" in " ".join((failed.stdout + failed.stderr).split())
+    assert not (root / "data" / "raw").exists()  # bare DVC: deleted before the command ran
+    from tasks.ingest import NOT_RETRYABLE_EXIT
+
+    with pytest.raises(Exception) as raised:
+        early.run_stage(str(root), "ingest")
+    assert early.stage_command_exit(raised.value) == ("ingest", NOT_RETRYABLE_EXIT)  # the failure still reaches the flow
     assert _snapshot(root / "data" / "raw") == before and (root / "data" / "ingest.json").read_text() == record
+
     write_overrides(root / "params.yaml", {"ingest.source": str(images), "ingest.watch": str(images)})
     status = subprocess.run(dvc + ["status", "ingest"], cwd=root, env=env, capture_output=True, text=True, check=True)
     assert "up to date" in status.stdout, status.stdout
+
+
+def test_putting_outputs_back_says_so_and_never_hides_the_stage_failure(capsys):
+    from flows import early
+
+    class Repo:
+        def __init__(self, error: Exception | None) -> None:
+            self.error, self.asked = error, []
+
+        def checkout(self, targets: list[str]) -> None:
+            self.asked.append(targets)
+            if self.error:
+                raise self.error
+
+    fine = Repo(None)
+    early.put_back_outputs(fine, "ingest")
+    assert fine.asked == [["ingest"]] and "last good outputs are back" in capsys.readouterr().err
+    early.put_back_outputs(Repo(RuntimeError("cache object missing")), "ingest")  # does not raise
+    said = " ".join(capsys.readouterr().err.split())
+    assert "could not be put back (cache object missing)" in said and "dvc checkout ingest" in said
