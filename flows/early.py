@@ -49,11 +49,12 @@ def put_back_outputs(repo: Any, stage: str) -> None:
     """After `stage` failed: its last committed outputs, linked back from DVC's cache (`dvc checkout <stage>`).
     Never raises: the stage's own failure is what the run reports."""
     try:
-        repo.checkout(targets=[stage])
+        done = repo.checkout(targets=[stage]) or {}
     except Exception as exc:  # noqa: BLE001
         print(f"{stage}: its last outputs could not be put back ({exc}); `dvc checkout {stage}` retries",
               file=sys.stderr)
-    else:
+        return
+    if done.get("added") or done.get("modified"):  # (nothing to say when DVC failed before deleting them)
         print(f"{stage} failed: its last good outputs are back in place (dvc checkout {stage})", file=sys.stderr)
 
 

@@ -665,16 +665,21 @@ def test_putting_outputs_back_says_so_and_never_hides_the_stage_failure(capsys):
 
     class Repo:
         def __init__(self, error: Exception | None) -> None:
-            self.error, self.asked = error, []
+            self.error, self.asked, self.added = error, [], []
 
-        def checkout(self, targets: list[str]) -> None:
+        def checkout(self, targets: list[str]) -> dict[str, list[str]]:
             self.asked.append(targets)
             if self.error:
                 raise self.error
+            return {"added": self.added, "modified": [], "deleted": []}
 
     fine = Repo(None)
+    fine.added = ["data/raw/", "data/ingest.json"]
     early.put_back_outputs(fine, "ingest")
     assert fine.asked == [["ingest"]] and "last good outputs are back" in capsys.readouterr().err
+    fine.added = []  # DVC failed before deleting anything (a missing dependency): nothing was put back
+    early.put_back_outputs(fine, "ingest")
+    assert capsys.readouterr().err == ""
     early.put_back_outputs(Repo(RuntimeError("cache object missing")), "ingest")  # does not raise
     said = " ".join(capsys.readouterr().err.split())
     assert "could not be put back (cache object missing)" in said and "dvc checkout ingest" in said
