@@ -3,10 +3,11 @@ retraining pays when new data arrived), for the project as it is and, side by si
 same project with ingest's outputs `persist: true` (which makes DVC copy every file of data/raw before the
 command, to unprotect its hard links into the cache).
 
-    python bench/reingest.py [--images 20000] [--repeats 3]
+    python bench/reingest.py [--images 20000] [--repeats 4]
 
-Runs alternate between the two projects, each after `sync`, so a busy disk hits both alike. Prints one JSON
-line and writes bench/results/reingest.json. Measured, never asserted."""
+Runs interleave the two projects (A B, then B A, ...), each after `sync`, so a busy disk or the first run of a
+pair being slower hits both alike. Prints one JSON line and writes bench/results/reingest.json. Measured,
+never asserted."""
 
 from __future__ import annotations
 
@@ -40,7 +41,7 @@ def project(tmp: Path, source: Path, *, persist: bool) -> tuple[Path, dict[str, 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--images", type=int, default=20000)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=4)
     args = ap.parse_args()
     top = tempdir("reingest")
     images = make_dataset(top / "images", n_images=args.images, size=16)
@@ -56,7 +57,8 @@ def main() -> None:
         first[name] = timed(dvc, root, e)
     sample = next((images / "class_00").iterdir())
     for i in range(args.repeats):
-        for name, (source, root, e) in setups.items():
+        order = list(setups.items()) if i % 2 == 0 else list(setups.items())[::-1]  # interleaved: ABBA...
+        for name, (source, root, e) in order:
             shutil.copyfile(sample, source / "class_01" / f"added_{i}.png")
             os.sync()
             again[name].append(timed(dvc, root, e))

@@ -43,19 +43,39 @@ RESTORED = " (restored from DVC's run-cache)"  # marks a stage DVC brought back 
 # putting the last good snapshot back is always right. (Not `persist: true` in dvc.yaml: with the project's
 # hard-link cache DVC would then copy every image of data/raw before each ingest, ~0.5 ms a file.)
 PUT_BACK_ON_FAILURE = ("ingest",)
+# Stages a run never restores from DVC's run-cache: an ingest restored for a source that went back to an earlier
+# state (A -> B -> A) would bring back that ingest's `ingested_at`, and the gate would take the data for older
+# than the champion's. A run ingests again instead (validate, split and train may still be restored).
+NO_RUN_CACHE = ("ingest",)
 
 
-def put_back_outputs(repo: Any, stage: str) -> None:
-    """After `stage` failed: its last committed outputs, linked back from DVC's cache (`dvc checkout <stage>`).
-    Never raises: the stage's own failure is what the run reports."""
+def stage_target(root: str, stage: str) -> str:
+    """DVC's name for a stage of root's dvc.yaml from any working folder (a bare name is looked up in the
+    working folder's dvc.yaml, which fails when a run starts in a subfolder of the project)."""
+    return f"{os.path.join(root, 'dvc.yaml')}:{stage}"
+
+
+def outputs_to_put_back(outs: list[Any]) -> bool:
+    """Pure: whether a failed stage's outputs (DVC Output objects: .hash_info from dvc.lock, .exists) should be
+    checked out again: all of them were committed once (a first run has nothing to put back) and one is missing
+    (DVC deleted them before the command; when they all exist DVC failed before that, or after the command
+    succeeded: then they are new data, not to be replaced)."""
+    return bool(outs) and all(bool(out.hash_info) for out in outs) and not all(out.exists for out in outs)
+
+
+def put_back_outputs(repo: Any, root: str, stage: str) -> None:
+    """After `stage` failed: its last committed outputs, linked back from DVC's cache (`dvc checkout <stage>`)
+    when outputs_to_put_back says so. Never raises: the stage's own failure is what the run reports."""
+    target = stage_target(root, stage)
     try:
-        done = repo.checkout(targets=[stage]) or {}
+        if not outputs_to_put_back(repo.stage.load_one(os.path.join(root, "dvc.yaml"), stage).outs):
+            return
+        repo.checkout(targets=[target])
     except Exception as exc:  # noqa: BLE001
-        print(f"{stage}: its last outputs could not be put back ({exc}); `dvc checkout {stage}` retries",
-              file=sys.stderr)
+        print(f"{stage} failed and its last outputs could not be put back ({exc}): run `dvc checkout {stage}` "
+              f"(or `dvc pull {stage}` when the cache lacks them)", file=sys.stderr)
         return
-    if done.get("added") or done.get("modified"):  # (nothing to say when DVC failed before deleting them)
-        print(f"{stage} failed: its last good outputs are back in place (dvc checkout {stage})", file=sys.stderr)
+    print(f"{stage} failed: its last good outputs are back in place (dvc checkout {stage})", file=sys.stderr)
 
 
 def run_stage(root: str, stage: str) -> list[str]:
@@ -80,14 +100,15 @@ def run_stage(root: str, stage: str) -> list[str]:
     try:
         with Repo(root) as repo:
             try:
-                ran = repo.reproduce(stage, single_item=True)
+                ran = repo.reproduce(stage_target(root, stage), single_item=True,
+                                     run_cache=stage not in NO_RUN_CACHE)
             except Exception:
                 if stage in PUT_BACK_ON_FAILURE:
-                    put_back_outputs(repo, stage)
+                    put_back_outputs(repo, root, stage)
                 raise
     finally:
         logging.getLogger("dvc").removeHandler(handler)
-    return [s.addressing + (RESTORED if s.addressing in restored else "") for s in ran]
+    return [s.name + (RESTORED if s.addressing in restored else "") for s in ran]
 
 
 def restored_from_cache(record: Any) -> bool:
@@ -115,14 +136,25 @@ def stage_command_exit(exc: BaseException | None) -> tuple[str, int] | None:
     return None
 
 
-def worth_retrying(task: Any, task_run: Any, state: Any) -> bool:
-    """Prefect retry_condition_fn for stage tasks: not when the stage's command said trying again cannot help
-    (ingest's exit code for a missing, empty or malformed source); anything else (a network error) may pass."""
+# A stage command stopped by SIGINT or SIGTERM (Ctrl-C, `kill`; DVC reports -N, a shell 128+N): the user's
+# choice, never tried again.
+INTERRUPTED_EXITS = (-2, -15, 130, 143)
+
+
+def retry_cannot_help(code: int) -> bool:
+    """Pure: a stage command's exit code that running it again cannot change: ingest's for a missing, empty or
+    malformed source, or an interrupt."""
     from tasks.ingest import NOT_RETRYABLE_EXIT
 
+    return code == NOT_RETRYABLE_EXIT or code in INTERRUPTED_EXITS
+
+
+def worth_retrying(task: Any, task_run: Any, state: Any) -> bool:
+    """Prefect retry_condition_fn for stage tasks: not when the stage's command said trying again cannot help
+    (retry_cannot_help); anything else (a network error) may pass."""
     exc = state.data if isinstance(getattr(state, "data", None), BaseException) else None
     failed = stage_command_exit(exc)
-    return not (failed and failed[1] == NOT_RETRYABLE_EXIT)
+    return not (failed and retry_cannot_help(failed[1]))
 
 
 def starts_stage(record: Any, stage: str | None = None) -> bool:
@@ -306,12 +338,13 @@ class PrefectStart:
 
 def settled_failure(stage: str, exc: BaseException) -> str | None:
     """Pure: for a stage whose command failed in a way running it again cannot change (a failed contract, a
-    missing source: anything but ingest's retryable download), the one line the flow ends with; else None."""
-    from tasks.ingest import NOT_RETRYABLE_EXIT
-
+    missing source, an interrupt: anything but ingest's retryable download), the one line the flow ends with;
+    else None."""
     failed = stage_command_exit(exc)
-    if failed is None or (stage == "ingest" and failed[1] != NOT_RETRYABLE_EXIT):
+    if failed is None or (stage == "ingest" and not retry_cannot_help(failed[1])):
         return None
+    if failed[1] in INTERRUPTED_EXITS:
+        return f"{stage} was interrupted (its command exited with {failed[1]} while Prefect started)"
     return f"{stage} failed (its command exited with {failed[1]} while Prefect started; its message is above)"
 
 

@@ -661,25 +661,37 @@ def test_a_failed_ingest_in_a_run_puts_the_previous_snapshot_back(tmp_path, monk
 
 
 def test_putting_outputs_back_says_so_and_never_hides_the_stage_failure(capsys):
+    from types import SimpleNamespace
+
     from flows import early
 
+    def out(committed: bool, exists: bool) -> SimpleNamespace:
+        return SimpleNamespace(hash_info="md5:abc" if committed else "", exists=exists)
+
+    # pure decision: committed once, and DVC deleted at least one of them
+    assert early.outputs_to_put_back([out(True, False), out(True, False)])
+    assert early.outputs_to_put_back([out(True, True), out(True, False)])
+    assert not early.outputs_to_put_back([out(True, True), out(True, True)])  # still there: maybe new data
+    assert not early.outputs_to_put_back([out(False, False), out(True, False)])  # a first run: nothing committed
+    assert not early.outputs_to_put_back([])
+
     class Repo:
-        def __init__(self, error: Exception | None) -> None:
-            self.error, self.asked, self.added = error, [], []
+        def __init__(self, outs: list[SimpleNamespace], error: Exception | None = None) -> None:
+            self.outs, self.error, self.asked = outs, error, []
+            self.stage = SimpleNamespace(load_one=lambda path, name: SimpleNamespace(outs=self.outs))
 
         def checkout(self, targets: list[str]) -> dict[str, list[str]]:
             self.asked.append(targets)
             if self.error:
                 raise self.error
-            return {"added": self.added, "modified": [], "deleted": []}
+            return {"added": ["data/raw/"], "modified": [], "deleted": []}
 
-    fine = Repo(None)
-    fine.added = ["data/raw/", "data/ingest.json"]
-    early.put_back_outputs(fine, "ingest")
-    assert fine.asked == [["ingest"]] and "last good outputs are back" in capsys.readouterr().err
-    fine.added = []  # DVC failed before deleting anything (a missing dependency): nothing was put back
-    early.put_back_outputs(fine, "ingest")
-    assert capsys.readouterr().err == ""
-    early.put_back_outputs(Repo(RuntimeError("cache object missing")), "ingest")  # does not raise
-    said = " ".join(capsys.readouterr().err.split())
+    deleted = Repo([out(True, False), out(True, False)])
+    early.put_back_outputs(deleted, "/p", "ingest")
+    assert deleted.asked == [["/p/dvc.yaml:ingest"]] and "last good outputs are back" in capsys.readouterr().err
+    intact = Repo([out(True, True), out(True, True)])  # DVC failed before deleting them, or after new data came
+    early.put_back_outputs(intact, "/p", "ingest")
+    assert intact.asked == [] and capsys.readouterr().err == ""
+    early.put_back_outputs(Repo([out(True, False)], RuntimeError("cache object missing")), "/p", "ingest")
+    said = " ".join(capsys.readouterr().err.split())  # reported, never raised
     assert "could not be put back (cache object missing)" in said and "dvc checkout ingest" in said

@@ -145,6 +145,8 @@ def test_ingest_is_retried_unless_its_command_says_trying_again_cannot_help():
     assert early.worth_retrying(None, None, failed(1))  # a download that failed, say
     assert early.worth_retrying(None, None, SimpleNamespace(data=OSError("mount went away")))
     assert early.stage_command_exit(RuntimeError("other")) is None
+    for stopped in (-2, -15, 130):  # Ctrl-C or kill reached the command: the user stopped it
+        assert not early.worth_retrying(None, None, failed(stopped))
 
 
 def test_a_stage_dvc_restores_from_its_run_cache_is_reported_as_restored_not_ran(tmp_path, monkeypatch):
@@ -174,6 +176,38 @@ def test_a_stage_dvc_restores_from_its_run_cache_is_reported_as_restored_not_ran
     assert outcomes == ["ran", "ran", "restored from DVC's run-cache"]
     assert early.stage_outcome(early.run_stage(str(root), "make")) == "up to date"
     assert early.stage_outcome(["train", "evaluate" + early.RESTORED]) == "ran"  # one of them really ran
+    (root / "sub").mkdir()
+    monkeypatch.chdir(root / "sub")  # `imgclf run` started in a folder inside the project
+    (root / "params.yaml").write_text("n: 2\n")
+    assert early.run_stage(str(root), "make") == ["make" + early.RESTORED]
+
+
+def test_a_run_never_restores_ingest_from_the_run_cache(tmp_path, monkeypatch):
+    """Source A -> B -> A: the run ingests A again (a fresh ingested_at), instead of DVC bringing back the first
+    ingest of A with its old time, which the gate would take for data older than the champion's."""
+    import subprocess
+    import sys
+
+    env = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("DVC_SITE_CACHE_DIR", str(tmp_path / "dvc-site"))
+    root = tmp_path / "p"
+    root.mkdir()
+    (root / "ingest.py").write_text("import time, yaml\n"
+                                    "n = yaml.safe_load(open('params.yaml'))['n']\n"
+                                    "open('out.txt', 'w').write(f'{n} {time.time_ns()}')\n")
+    (root / "dvc.yaml").write_text("stages:\n  ingest:\n    cmd: python ingest.py\n    deps: [ingest.py]\n"
+                                   "    params: [n]\n    outs: [out.txt]\n")
+    subprocess.run(["git", "init", "-q"], cwd=root, check=True)
+    subprocess.run([sys.executable, "-m", "dvc", "init", "-q"], cwd=root, check=True)
+    monkeypatch.chdir(root)
+    taken = []
+    for n in (1, 2, 1):
+        (root / "params.yaml").write_text(f"n: {n}\n")
+        assert early.run_stage(str(root), "ingest") == ["ingest"]  # ran, every time
+        taken.append((root / "out.txt").read_text())
+    assert taken[2].split()[0] == "1" and taken[2] != taken[0]  # A again, taken anew
 
 
 def test_nothing_runs_early_while_another_run_holds_the_lock(project, monkeypatch):
@@ -412,6 +446,7 @@ def test_an_early_failure_a_second_run_cannot_change_is_handed_to_the_flow(proje
     assert early.settled_failure("ingest", _command_failed("ingest", NOT_RETRYABLE_EXIT))
     assert early.settled_failure("ingest", _command_failed("ingest", 1)) is None  # a download: worth a retry
     assert early.settled_failure("split", OSError("no space left")) is None  # not the command's own failure
+    assert "ingest was interrupted" in early.settled_failure("ingest", _command_failed("ingest", -2))
 
     def stage(root: str, name: str) -> list[str]:
         if name == "validate":
