@@ -149,8 +149,9 @@ def test_ingest_is_retried_unless_its_command_says_trying_again_cannot_help():
         assert not early.worth_retrying(None, None, failed(stopped))
 
 
-def test_a_stage_dvc_restores_from_its_run_cache_is_reported_as_restored_not_ran(tmp_path, monkeypatch):
-    """A real DVC project: a stage runs, its param changes (runs again), then changes back (restored)."""
+def _one_stage_project(tmp_path: Path, monkeypatch, stage: str, script: str) -> Path:
+    """A real git + DVC project whose one stage `stage` runs `script` (reading param n) and writes out.txt;
+    the working folder is its root, as in a run."""
     import subprocess
     import sys
 
@@ -161,12 +162,19 @@ def test_a_stage_dvc_restores_from_its_run_cache_is_reported_as_restored_not_ran
     root = tmp_path / "p"
     root.mkdir()
     (root / "params.yaml").write_text("n: 1\n")
-    (root / "make.py").write_text("import yaml\nopen('out.txt', 'w').write(str(yaml.safe_load(open('params.yaml'))['n']))\n")
-    (root / "dvc.yaml").write_text("stages:\n  make:\n    cmd: python make.py\n    deps: [make.py]\n"
+    (root / f"{stage}.py").write_text(script)
+    (root / "dvc.yaml").write_text(f"stages:\n  {stage}:\n    cmd: python {stage}.py\n    deps: [{stage}.py]\n"
                                    "    params: [n]\n    outs: [out.txt]\n")
     subprocess.run(["git", "init", "-q"], cwd=root, check=True)
     subprocess.run([sys.executable, "-m", "dvc", "init", "-q"], cwd=root, check=True)
-    monkeypatch.chdir(root)  # (as in a run: DVC resolves the stage name against the working folder)
+    monkeypatch.chdir(root)
+    return root
+
+
+def test_a_stage_dvc_restores_from_its_run_cache_is_reported_as_restored_not_ran(tmp_path, monkeypatch):
+    """A real DVC project: a stage runs, its param changes (runs again), then changes back (restored)."""
+    root = _one_stage_project(tmp_path, monkeypatch, "make",
+                              "import yaml\nopen('out.txt', 'w').write(str(yaml.safe_load(open('params.yaml'))['n']))\n")
     outcomes = []
     for n in (1, 2, 1):
         (root / "params.yaml").write_text(f"n: {n}\n")
@@ -185,23 +193,9 @@ def test_a_stage_dvc_restores_from_its_run_cache_is_reported_as_restored_not_ran
 def test_a_run_never_restores_ingest_from_the_run_cache(tmp_path, monkeypatch):
     """Source A -> B -> A: the run ingests A again (a fresh ingested_at), instead of DVC bringing back the first
     ingest of A with its old time, which the gate would take for data older than the champion's."""
-    import subprocess
-    import sys
-
-    env = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
-    for key, value in env.items():
-        monkeypatch.setenv(key, value)
-    monkeypatch.setenv("DVC_SITE_CACHE_DIR", str(tmp_path / "dvc-site"))
-    root = tmp_path / "p"
-    root.mkdir()
-    (root / "ingest.py").write_text("import time, yaml\n"
-                                    "n = yaml.safe_load(open('params.yaml'))['n']\n"
-                                    "open('out.txt', 'w').write(f'{n} {time.time_ns()}')\n")
-    (root / "dvc.yaml").write_text("stages:\n  ingest:\n    cmd: python ingest.py\n    deps: [ingest.py]\n"
-                                   "    params: [n]\n    outs: [out.txt]\n")
-    subprocess.run(["git", "init", "-q"], cwd=root, check=True)
-    subprocess.run([sys.executable, "-m", "dvc", "init", "-q"], cwd=root, check=True)
-    monkeypatch.chdir(root)
+    root = _one_stage_project(tmp_path, monkeypatch, "ingest", "import time, yaml\n"
+                              "n = yaml.safe_load(open('params.yaml'))['n']\n"
+                              "open('out.txt', 'w').write(f'{n} {time.time_ns()}')\n")
     taken = []
     for n in (1, 2, 1):
         (root / "params.yaml").write_text(f"n: {n}\n")
