@@ -36,6 +36,11 @@ def is_url(source: str) -> bool:
     return source.startswith(("http://", "https://"))
 
 
+def is_local(source: str) -> bool:
+    """True for a source that is a local path (a folder, archive or CSV), not sample: nor a URL."""
+    return not source.startswith("sample:") and not is_url(source)
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -57,7 +62,7 @@ class IngestParams(_Section):
     def _check_source(self) -> "IngestParams":
         if is_url(self.source) and not self.sha256:
             raise ValueError(f"ingest.sha256 is required for the URL source {self.source!r}")
-        if not self.source.startswith("sample:") and not is_url(self.source):
+        if is_local(self.source):
             if "~" in Path(self.watch).parts[:1]:
                 raise ValueError(f"ingest.watch ({self.watch!r}): DVC does not expand ~; write the full path")
             if Path(self.watch) == Path("."):
@@ -269,7 +274,7 @@ def source_from(source: str, *, cwd: Path, root: Path) -> str:
     """Pure: a source typed on the command line, as params.yaml should hold it. A local path is the user's
     (relative to where they typed it, ~ expanded), stored relative to the project when inside it (the stage
     runs there), else absolute; sample: and URL sources are left as they are."""
-    if source.startswith("sample:") or is_url(source):
+    if not is_local(source):
         return source
     path = Path(os.path.expanduser(source))
     path = Path(os.path.normpath(path if path.is_absolute() else cwd / path))
@@ -283,7 +288,7 @@ def source_overrides(source: str) -> dict[str, str]:
     """Overrides that point one run at another source; a local path is also what DVC watches (for a CSV
     manifest, the folder holding it and its images)."""
     out = {"ingest.source": source}
-    if not source.startswith("sample:") and not is_url(source):
+    if is_local(source):
         out["ingest.watch"] = str(Path(source).parent) if source.lower().endswith(".csv") else source
     return out
 
@@ -291,7 +296,7 @@ def source_overrides(source: str) -> dict[str, str]:
 def missing_source(source: str, root: Path) -> str | None:
     """Why a local ingest.source cannot be ingested because it is not there (relative paths are the project's,
     as the stage runs there); None when it exists or is not a local path."""
-    if source.startswith("sample:") or is_url(source):
+    if not is_local(source):
         return None
     path = Path(source).expanduser()
     path = path if path.is_absolute() else root / path
