@@ -82,12 +82,6 @@ def torch_latency(model: "nn.Module", spec: Preprocess, *, batch: int, repeats: 
         return time_call(lambda: model(x), repeats=repeats, budget_s=budget_s, clock=clock)
 
 
-def torch_latency_ms(model: "nn.Module", spec: Preprocess, *, batch: int, repeats: int = 20,
-                     budget_s: float = math.inf) -> float:
-    """torch_latency's median in milliseconds."""
-    return torch_latency(model, spec, batch=batch, repeats=repeats, budget_s=budget_s).ms
-
-
 def export_onnx(model: "nn.Module", spec: Preprocess, dest: Path, *, opset: int = 17) -> Path:
     """Write the model as ONNX (float input N x C x S x S, normalised; dynamic batch) and check it."""
     import onnx
@@ -152,7 +146,7 @@ def check_onnx(model: "nn.Module", spec: Preprocess, images: "torch.Tensor", tor
     timed = time_call(lambda: session.run([OUTPUT_NAME], {INPUT_NAME: one}), repeats=repeats, budget_s=budget_s)
     result["latency_ms_b1"], result["latency_runs_b1"] = timed.ms, timed.runs
     result["torch_latency_ms_b1"] = (torch_latency_ms_b1 if torch_latency_ms_b1 is not None
-                                     else torch_latency_ms(model, spec, batch=1, repeats=repeats, budget_s=budget_s))
+                                     else torch_latency(model, spec, batch=1, repeats=repeats, budget_s=budget_s).ms)
     result["opset"] = opset
     result["bytes"] = path.stat().st_size
     return result

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from tasks.predict import predict_logits
-from tasks.export import check_onnx, onnx_logits, onnx_session, parity, time_call, torch_latency_ms
+from tasks.export import check_onnx, onnx_logits, onnx_session, parity, time_call, torch_latency
 from tasks.models import build_model
 from tasks.preprocess import Preprocess
 
@@ -43,4 +43,5 @@ def test_exported_model_matches_torch_with_any_batch_size(tmp_path, mode):
 def test_torch_latency_grows_with_the_batch():
     spec = Preprocess.for_mode("L", 32)
     model = build_model("smallcnn", num_classes=3, in_channels=1)
-    assert torch_latency_ms(model, spec, batch=64, repeats=3) > torch_latency_ms(model, spec, batch=1, repeats=3)
+    assert (torch_latency(model, spec, batch=64, repeats=3).ms
+            > torch_latency(model, spec, batch=1, repeats=3).ms)
